@@ -1,0 +1,783 @@
+"""Structured configs for icons: types, defaults, ranges and one-line errors.
+
+The dataclasses below are the schema of every Hydra config under ``conf/``.
+Importing this module registers them in Hydra's ConfigStore:
+
+* ``base_config``                      -> :class:`RootConfig` (first entry of ``config.yaml``)
+* ``model/schema_model``               -> :class:`ModelConfig`
+* ``data/schema_data``                 -> :class:`DataConfig`
+* ``tasks/schema_tasks``               -> :class:`TasksConfig`
+* ``trainer/schema_trainer``           -> :class:`TrainerConfig`
+* ``logger/schema_logger``             -> :class:`LoggerConfig`
+
+OmegaConf checks types (``train.epochs=abc`` fails when the config is composed);
+ranges and choices are checked in each dataclass's ``__post_init__``, which
+runs when :func:`validate` calls ``OmegaConf.to_object``. :func:`validate`
+also rejects keys that are not in the schema (``+data.pool_sise=5`` is
+otherwise accepted silently by Hydra) and turns every failure into a
+:class:`ConfigError` whose message is one line naming the full dotted key::
+
+    config error: selection.ratio=1.5 must be in (0, 1]
+    config error: unknown key 'data.pool_sise'
+
+Choices are plain strings (not Enums) so that the values stay ``str`` in both
+the DictConfig and the validated dataclass; the allowed values are exported as
+the ``*_CHOICES`` tuples below.
+"""
+
+import dataclasses
+import importlib.util
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "CONFIG_MODULE",
+    "CONFIG_NAME",
+    "CONFIG_PATH",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ConsensusConfig",
+    "ProjectionConfig",
+    "GradientConfig",
+    "WarmupConfig",
+    "FieldError",
+    "GROUP_SCHEMAS",
+    "KNOWN_STAGES",
+    "LoggerConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PretrainConfig",
+    "RootConfig",
+    "SelectionConfig",
+    "TasksConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "conf_dir",
+    "register_configs",
+    "validate",
+]
+
+# --------------------------------------------------------------------------- #
+# Where the YAML configs live
+# --------------------------------------------------------------------------- #
+
+#: The package that holds the YAML configs once installed (the top-level
+#: ``conf/`` directory of the repository is shipped as ``icons.conf``).
+CONFIG_MODULE = "icons.conf"
+#: Name of the primary config (``conf/config.yaml``).
+CONFIG_NAME = "config"
+
+_SRC_DIR = Path(__file__).resolve().parents[1]
+#: ``<repo>/conf`` when running from a checkout (``<repo>/src/icons``), else None.
+_REPO_CONF: Optional[Path] = _SRC_DIR.parent / "conf" if _SRC_DIR.name == "src" else None
+
+
+def _config_path() -> str:
+    """``config_path`` for ``@hydra.main`` that works in every layout.
+
+    ``pkg://icons.conf`` when ``icons.conf`` is importable (editable and
+    non-editable installs); otherwise (a bare checkout on ``PYTHONPATH=src``)
+    the absolute path of the repository's ``conf/``.
+    """
+    try:
+        if importlib.util.find_spec(CONFIG_MODULE) is not None:
+            return f"pkg://{CONFIG_MODULE}"
+    except (ImportError, ValueError):  # pragma: no cover - defensive
+        pass
+    return str(_REPO_CONF)  # pragma: no cover - bare checkout only
+
+
+#: Pass this as ``@hydra.main(version_base="1.3", config_path=CONFIG_PATH,
+#: config_name=CONFIG_NAME)``.
+CONFIG_PATH = _config_path()
+
+
+def conf_dir() -> Path:
+    """Absolute directory of the YAML configs (for ``initialize_config_dir``)."""
+    if _REPO_CONF is not None and (_REPO_CONF / f"{CONFIG_NAME}.yaml").is_file():
+        return _REPO_CONF
+    import importlib.resources
+
+    return Path(str(importlib.resources.files(CONFIG_MODULE)))
+
+
+# --------------------------------------------------------------------------- #
+# Errors and check helpers
+# --------------------------------------------------------------------------- #
+
+
+class ConfigError(ValueError):
+    """A bad config. ``str(err)`` is one line: ``config error: <key>=<value> <reason>``."""
+
+
+class FieldError(ValueError):
+    """Raised by ``__post_init__``; :func:`validate` adds the dotted prefix.
+
+    ``key`` is the field name relative to the dataclass that raised (or a
+    tuple of names for a check over several fields). ``reason`` may contain
+    ``{prefix}`` to name other fields of the same node.
+    """
+
+    def __init__(self, key: str | tuple[str, ...], value: Any = None, reason: str | None = None):
+        self.key = key
+        self.value = value
+        self.reason = reason
+        super().__init__(self.render(""))
+
+    def render(self, prefix: str) -> str:
+        if self.reason is None:  # re-raised by OmegaConf with a single message argument
+            return str(self.key)
+        keys = (self.key,) if isinstance(self.key, str) else self.key
+        name = "+".join(f"{prefix}{k}" for k in keys)
+        reason = self.reason.replace("{prefix}", prefix)
+        return f"config error: {name}={_fmt(self.value)} {reason}"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value).replace("\n", "\\n")
+
+
+def _bound(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"must be in {'(' if lo_open else '['}{_bound(lo)}, {_bound(hi)}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"must be {'>' if lo_open else '>='} {_bound(lo)}"
+    assert hi is not None
+    return f"must be {'<' if hi_open else '<='} {_bound(hi)}"
+
+
+def _unresolved(value: Any) -> bool:
+    """True for an interpolation string such as ``${oc.env:X}``.
+
+    Hydra's ConfigStore builds every schema from its defaults without resolving
+    them; the checks run again on resolved values in :func:`validate`.
+    """
+    return isinstance(value, str) and "${" in value
+
+
+def _numbers(obj: Any, *names: str) -> bool:
+    """True when every named field holds a (resolved) number."""
+    return all(
+        isinstance(getattr(obj, n), (int, float)) and not isinstance(getattr(obj, n), bool)
+        for n in names
+    )
+
+
+def _check_range(
+    obj: Any,
+    name: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    value = getattr(obj, name)
+    if _unresolved(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FieldError(name, value, "must be a number")
+    ok = not (isinstance(value, float) and math.isnan(value))
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        raise FieldError(name, value, _interval(lo, hi, lo_open, hi_open))
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        _check_range(obj, name, 0, None, lo_open=True)
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        _check_range(obj, name, 0, None)
+
+
+def _check_choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if _unresolved(value):
+        return
+    if value not in choices:
+        raise FieldError(name, value, f"must be one of {', '.join(choices)}")
+
+
+def _check_nonempty_str(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, str) or not value.strip():
+            raise FieldError(name, value, "must be a non-empty string")
+
+
+def _check_str_list(obj: Any, name: str, *, nonempty: bool = True, unique: bool = True) -> None:
+    values = list(getattr(obj, name))
+    if nonempty and not values:
+        raise FieldError(name, values, "must not be empty")
+    for v in values:
+        if not isinstance(v, str) or not v.strip():
+            raise FieldError(name, values, f"contains an empty name {_fmt(v)!r}")
+    if unique:
+        seen: set[str] = set()
+        for v in values:
+            if v in seen:
+                raise FieldError(name, values, f"lists {v!r} twice")
+            seen.add(v)
+
+
+# --------------------------------------------------------------------------- #
+# Choices
+# --------------------------------------------------------------------------- #
+
+#: Pipeline stages, in the order ``run.py`` may execute them.
+KNOWN_STAGES: tuple[str, ...] = (
+    "check",
+    "data",
+    "base",
+    "warmup",
+    "features",
+    "scores",
+    "select",
+    "subset",
+    "train",
+    "eval",
+    "report",
+)
+MODEL_KIND_CHOICES = ("tiny_llava", "hf_llava")
+DATA_KIND_CHOICES = ("mini_llava", "llava_json")
+ON_BAD_RECORD_CHOICES = ("error", "skip")
+ACCELERATOR_CHOICES = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
+PRECISION_CHOICES = (
+    "64-true",
+    "32-true",
+    "16-true",
+    "bf16-true",
+    "16-mixed",
+    "bf16-mixed",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "64",
+    "32",
+    "16",
+    "bf16",
+)
+LOGGER_KIND_CHOICES = ("wandb", "none")
+LOGGER_MODE_CHOICES = ("online", "offline", "disabled")
+SCHEDULER_CHOICES = ("cosine", "linear", "constant")
+TRAIN_MODE_CHOICES = ("full", "lora")
+WARMUP_CHECKPOINT_CHOICES = ("last", "all")
+GRADIENT_CHOICES = ("adam", "sgd")
+PROJECTION_CHOICES = ("none", "rademacher")
+FEATURE_DTYPE_CHOICES = ("float32", "float16")
+CONSENSUS_CHOICES = ("vote", "mean", "max", "rank", "norm", "merge")
+TIE_BREAK_CHOICES = ("mean_rank", "index", "random")
+SELECTOR_CHOICES = ("full", "random", "icons")
+
+DEFAULT_TASKS: tuple[str, ...] = (
+    "vqav2",
+    "gqa",
+    "vizwiz",
+    "sqa",
+    "textvqa",
+    "pope",
+    "mme",
+    "mmbench_en",
+    "mmbench_cn",
+    "llavaw",
+)
+
+
+# --------------------------------------------------------------------------- #
+# Schema
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter on the language model (used by warmup/features and ``train.mode=lora``)."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    #: regex over module names (peft ``target_modules`` as a string = full match)
+    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+    def __post_init__(self) -> None:
+        _positive(self, "r", "alpha")
+        _check_range(self, "dropout", 0.0, 1.0, hi_open=True)
+        _check_nonempty_str(self, "target_modules")
+
+
+@dataclass
+class PretrainConfig:
+    """Stage-1 pretraining of the tiny base model (projector + LM on captions/text QA)."""
+
+    examples: int = 400000
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+    text_qa_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        _positive(self, "examples", "batch_size", "lr")
+        _non_negative(self, "seed")
+        _check_range(self, "text_qa_fraction", 0.0, 1.0)
+
+
+@dataclass
+class ModelConfig:
+    """Group ``model``: which vision-language model and how it is built."""
+
+    name: str = "tiny_llava"
+    kind: str = "tiny_llava"
+    #: checkpoint dir; null = the packaged/cached tiny base model
+    path: Optional[str] = None
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 96
+    vision_layers: int = 2
+    text_hidden: int = 160
+    text_layers: int = 4
+    text_heads: int = 4
+    max_length: int = 160
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def __post_init__(self) -> None:
+        _check_nonempty_str(self, "name")
+        _check_choice(self, "kind", MODEL_KIND_CHOICES)
+        if self.kind == "hf_llava" and not self.path:
+            raise FieldError("path", self.path, "must be set when {prefix}kind=hf_llava")
+        _positive(
+            self,
+            "image_size",
+            "patch_size",
+            "vision_hidden",
+            "vision_layers",
+            "text_hidden",
+            "text_layers",
+            "text_heads",
+            "max_length",
+        )
+        if _numbers(self, "image_size", "patch_size") and self.image_size % self.patch_size:
+            raise FieldError(
+                "image_size",
+                self.image_size,
+                f"must be a multiple of {{prefix}}patch_size={self.patch_size}",
+            )
+        if _numbers(self, "text_hidden", "text_heads") and self.text_hidden % self.text_heads:
+            raise FieldError(
+                "text_hidden",
+                self.text_hidden,
+                f"must be a multiple of {{prefix}}text_heads={self.text_heads}",
+            )
+
+
+@dataclass
+class DataConfig:
+    """Group ``data``: the candidate pool (generated mini-LLaVA or a LLaVA JSON file)."""
+
+    name: str = "mini_llava"
+    kind: str = "mini_llava"
+    seed: int = 0
+    pool_size: int = 12000
+    p_duplicate: float = 0.15
+    p_label_noise: float = 0.10
+    p_garbage: float = 0.03
+    #: LLaVA JSON/JSONL file (kind=llava_json)
+    path: Optional[str] = None
+    #: directory the records' ``image`` paths are relative to
+    image_root: Optional[str] = None
+    on_bad_record: str = "error"
+
+    def __post_init__(self) -> None:
+        _check_nonempty_str(self, "name")
+        _check_choice(self, "kind", DATA_KIND_CHOICES)
+        if self.kind == "llava_json" and not self.path:
+            raise FieldError("path", self.path, "must be set when {prefix}kind=llava_json")
+        _non_negative(self, "seed")
+        _positive(self, "pool_size")
+        names = ("p_duplicate", "p_label_noise", "p_garbage")
+        for name in names:
+            _check_range(self, name, 0.0, 1.0, hi_open=True)
+        total = sum(getattr(self, n) for n in names) if _numbers(self, *names) else 0.0
+        if not total < 1.0:
+            raise FieldError(names, round(total, 12), "must be < 1")
+        _check_choice(self, "on_bad_record", ON_BAD_RECORD_CHOICES)
+
+
+@dataclass
+class TasksConfig:
+    """Group ``tasks``: the target tasks, their validation (selection) and test (eval) splits."""
+
+    name: str = "mini_llava"
+    names: List[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    n_val: int = 48
+    n_test: int = 300
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_nonempty_str(self, "name")
+        _check_str_list(self, "names")
+        _positive(self, "n_val", "n_test")
+        _non_negative(self, "seed")
+
+
+@dataclass
+class TrainerConfig:
+    """Group ``trainer``: Lightning ``Trainer`` hardware settings."""
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    num_workers: int = 0
+    #: torch.set_num_threads; 0 = torch default
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "accelerator", ACCELERATOR_CHOICES)
+        _positive(self, "devices", "num_nodes")
+        _check_nonempty_str(self, "strategy")
+        _check_choice(self, "precision", PRECISION_CHOICES)
+        _non_negative(self, "num_workers", "threads")
+
+
+@dataclass
+class LoggerConfig:
+    """Group ``logger``: Weights & Biases (offline by default) or nothing."""
+
+    kind: str = "wandb"
+    project: str = "icons"
+    mode: str = "${oc.env:WANDB_MODE,offline}"
+    #: W&B group; null = experiment_name
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    #: W&B directory; null = the run directory
+    dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "kind", LOGGER_KIND_CHOICES)
+        _check_nonempty_str(self, "project")
+        _check_choice(self, "mode", LOGGER_MODE_CHOICES)
+        _check_str_list(self, "tags", nonempty=False)
+
+
+@dataclass
+class TrainConfig:
+    """Root key ``train``: fine-tuning on a (selected) subset."""
+
+    epochs: int = 4
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    #: full = projector + LM trained, vision frozen; lora = peft LoRA on the LM
+    mode: str = "full"
+    grad_clip: float = 1.0
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "batch_size", "lr", "log_every")
+        _non_negative(self, "weight_decay", "grad_clip")
+        _check_range(self, "warmup_ratio", 0.0, 1.0, hi_open=True)
+        _check_choice(self, "scheduler", SCHEDULER_CHOICES)
+        _check_choice(self, "mode", TRAIN_MODE_CHOICES)
+
+
+@dataclass
+class EvalConfig:
+    """Root key ``eval``: generation settings for evaluation."""
+
+    batch_size: int = 64
+    max_new_tokens: int = 8
+    max_new_tokens_long: int = 56
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "max_new_tokens", "max_new_tokens_long")
+
+
+@dataclass
+class SelectionConfig:
+    """Root key ``selection``: how much of the pool every selector keeps."""
+
+    ratio: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range(self, "ratio", 0.0, 1.0, lo_open=True)
+        _non_negative(self, "seed")
+
+
+@dataclass
+class WarmupConfig:
+    """Group ``warmup``: ICONS step 1, LoRA warmup on a random fraction of the pool."""
+
+    fraction: float = 0.05
+    epochs: int = 4
+    batch_size: int = 8
+    lr: float = 4e-3
+    #: which epoch checkpoints give features: last (released ICONS) or all (LESS, lr-weighted)
+    checkpoints: str = "last"
+
+    def __post_init__(self) -> None:
+        _check_range(self, "fraction", 0.0, 1.0, lo_open=True)
+        _positive(self, "epochs", "batch_size", "lr")
+        _check_choice(self, "checkpoints", WARMUP_CHECKPOINT_CHOICES)
+
+
+@dataclass
+class GradientConfig:
+    """Group ``gradient``: pool gradients Adam-preconditioned (LESS) or plain (``sgd``)."""
+
+    kind: str = "adam"
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "kind", GRADIENT_CHOICES)
+        _positive(self, "batch_size")
+
+
+@dataclass
+class ProjectionConfig:
+    """Group ``projection``: none (exact) or a seeded random projection to ``dim``."""
+
+    kind: str = "none"
+    dim: int = 8192
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "kind", PROJECTION_CHOICES)
+        _positive(self, "dim")
+        _non_negative(self, "seed")
+        _check_choice(self, "dtype", FEATURE_DTYPE_CHOICES)
+
+
+@dataclass
+class ConsensusConfig:
+    """Group ``consensus``: ICONS's vote, or an aggregation ablation of the paper."""
+
+    method: str = "vote"
+    threshold_percentile: float = 80.0
+    tie_break: str = "mean_rank"
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "method", CONSENSUS_CHOICES)
+        _check_range(self, "threshold_percentile", 0.0, 100.0, lo_open=True, hi_open=True)
+        _check_choice(self, "tie_break", TIE_BREAK_CHOICES)
+
+
+@dataclass
+class RootConfig:
+    """The composed config (``conf/config.yaml``)."""
+
+    seed: int = 0
+    stages: List[str] = field(default_factory=lambda: [
+        "data", "base", "warmup", "features", "scores", "select", "subset", "train", "eval", "report"])
+    selectors: List[str] = field(default_factory=lambda: ["full", "random", "icons"])
+    #: null = Hydra's output directory
+    run_dir: Optional[str] = None
+    cache_dir: str = "${oc.env:ICONS_CACHE,${oc.env:HOME}/.cache/icons}"
+    experiment_name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    gradient: GradientConfig = field(default_factory=GradientConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "seed")
+        _check_str_list(self, "stages")
+        for stage in self.stages:
+            if stage not in KNOWN_STAGES and not _unresolved(stage):
+                raise FieldError(
+                    "stages",
+                    self.stages,
+                    f"contains unknown stage {stage!r}; known: {', '.join(KNOWN_STAGES)}",
+                )
+        _check_str_list(self, "selectors")
+        for sel in self.selectors:
+            if sel not in SELECTOR_CHOICES:
+                raise FieldError("selectors", self.selectors,
+                                 f"contains unknown selector {sel!r}; known: {', '.join(SELECTOR_CHOICES)}")
+        _check_nonempty_str(self, "cache_dir", "experiment_name")
+        if not _unresolved(self.experiment_name) and "/" in self.experiment_name or self.experiment_name in (".", ".."):
+            raise FieldError("experiment_name", self.experiment_name, "must be a plain name (no '/')")
+
+
+# --------------------------------------------------------------------------- #
+# ConfigStore
+# --------------------------------------------------------------------------- #
+
+#: (group, dataclass) of the config groups; group yaml files start with
+#: ``defaults: [schema_<group>, _self_]``.
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "tasks": TasksConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+    "warmup": WarmupConfig,
+    "gradient": GradientConfig,
+    "projection": ProjectionConfig,
+    "consensus": ConsensusConfig,
+}
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore (idempotent; done on import)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RootConfig)
+    for group, node in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"schema_{group}", node=node)
+
+
+register_configs()
+
+
+# --------------------------------------------------------------------------- #
+# Validation
+# --------------------------------------------------------------------------- #
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    """The dataclass inside ``tp`` (``X`` or ``Optional[X]``), else None."""
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return tp
+    if typing.get_origin(tp) is typing.Union:
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg) and isinstance(arg, type):
+                return arg
+    return None
+
+
+def _nested_fields(cls: type) -> dict[str, type | None]:
+    """Field name -> nested dataclass type (or None for leaf fields)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: _dataclass_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _unknown_keys(tree: Any, cls: type, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return []
+    known = _nested_fields(cls)
+    unknown: list[str] = []
+    for key, value in tree.items():
+        if key not in known:
+            unknown.append(f"{prefix}{key}")
+        elif known[key] is not None:
+            unknown.extend(_unknown_keys(value, known[key], f"{prefix}{key}."))  # type: ignore[arg-type]
+    return unknown
+
+
+def _without_hydra(cfg: Any) -> DictConfig:
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return OmegaConf.structured(cfg)
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.create(cfg)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config error: expected a mapping, got {type(cfg).__name__}")
+    if "hydra" not in cfg:
+        return cfg
+    # copy without the hydra node (keep the parent's flags, e.g. struct)
+    keys = [k for k in cfg.keys() if k != "hydra"]
+    out = OmegaConf.masked_copy(cfg, keys)
+    return out
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(getattr(err, "msg", None) or err).strip().splitlines()
+    first = msg[0].strip() if msg else type(err).__name__
+    if key:
+        return f"config error: {key}: {first}"
+    return f"config error: {first}"
+
+
+def _locate(node: DictConfig, cls: type, prefix: str) -> str:
+    """Dotted prefix of the deepest nested node whose conversion raises a FieldError."""
+    for name, sub in _nested_fields(cls).items():
+        if sub is None:
+            continue
+        child = node._get_node(name)
+        if not isinstance(child, DictConfig) or child._is_none() or child._is_missing():
+            continue
+        try:
+            OmegaConf.to_object(child)
+        except FieldError:
+            return _locate(child, sub, f"{prefix}{name}.")
+        except Exception:  # noqa: BLE001 - reported from the root
+            continue
+    return prefix
+
+
+def validate(cfg: Any) -> RootConfig:
+    """Check a composed config and return it as a :class:`RootConfig`.
+
+    ``cfg`` is the DictConfig given by ``@hydra.main``/``compose`` (a ``hydra``
+    node, if present, is ignored), or a plain mapping / RootConfig. Raises
+    :class:`ConfigError` with a one-line message naming the full dotted key.
+    """
+    node = _without_hydra(cfg)
+
+    # 1. keys outside the schema (e.g. `+data.pool_sise=5`)
+    try:
+        tree = OmegaConf.to_container(node, resolve=False)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from None
+    unknown = _unknown_keys(tree, RootConfig)
+    if unknown:
+        quoted = ", ".join(f"'{k}'" for k in unknown)
+        raise ConfigError(f"config error: unknown key{'s' if len(unknown) > 1 else ''} {quoted}")
+
+    # 2. types (a no-op for a config composed against base_config)
+    try:
+        if OmegaConf.get_type(node) is not RootConfig:
+            node = OmegaConf.merge(OmegaConf.structured(RootConfig), node)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from None
+
+    # 3. ranges and choices (__post_init__), interpolations resolved
+    try:
+        obj = OmegaConf.to_object(node)
+    except FieldError as err:
+        prefix = _locate(node, RootConfig, "")
+        raise ConfigError(err.render(prefix)) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from None
+    except ValueError as err:  # other checks from __post_init__
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"config error: {first}") from None
+    assert isinstance(obj, RootConfig)
+    return obj

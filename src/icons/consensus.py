@@ -1,0 +1,92 @@
+"""Generalist stage: turn an (N, K) table of per-task scores into one selection.
+
+``vote`` (ICONS): each task's threshold is its ``threshold_percentile``-th percentile taken as an
+exact order statistic (numpy ``method="higher"``, i.e. a value that occurs in the column); an
+example gets one vote per task where its score is >= the threshold; examples are ranked by votes.
+The threshold and the budget are separate settings (the released code tied them).
+
+Ties at the budget boundary are broken deterministically:
+- ``mean_rank`` (default): lower mean per-task rank first (rank 0 = best score of that task),
+  then lower row index;
+- ``index``: lower row index first;
+- ``random``: a seeded random order.
+
+Aggregation ablations of the paper: ``mean`` (mean of task scores), ``max`` (max over tasks),
+``rank`` (mean per-task rank, lower is better), ``norm`` (mean of per-task z-scores). ``merge``
+(one influence computation against the union of all validation sets) is computed by the scores
+stage as a single column and ranked here like ``mean``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+METHODS = ("vote", "mean", "max", "rank", "norm", "merge")
+TIE_BREAKS = ("mean_rank", "index", "random")
+
+
+def task_ranks(scores: np.ndarray) -> np.ndarray:
+    """(N, K) per-task descending ranks, 0 = best; equal scores share the lowest rank."""
+    n, k = scores.shape
+    ranks = np.empty((n, k), dtype=np.float64)
+    for j in range(k):
+        col = scores[:, j]
+        # rank = number of strictly larger scores (ties share a rank, independent of row order)
+        ranks[:, j] = n - np.searchsorted(np.sort(col), col, side="right")
+    return ranks
+
+
+def thresholds(scores: np.ndarray, percentile: float) -> np.ndarray:
+    return np.quantile(scores, percentile / 100.0, axis=0, method="higher")
+
+
+def votes(scores: np.ndarray, percentile: float = 80) -> np.ndarray:
+    return (scores >= thresholds(scores, percentile)[None, :]).sum(axis=1)
+
+
+def budget(n: int, ratio: float) -> int:
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio={ratio} must be in (0, 1]")
+    return int(ratio * n)
+
+
+def ordering(scores: np.ndarray, method: str = "vote", threshold_percentile: float = 80,
+             tie_break: str = "mean_rank", seed: int = 0) -> np.ndarray:
+    """All row indices, best first."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[0] == 0:
+        raise ValueError(f"scores must be a non-empty (N, K) array, got shape {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    if method not in METHODS:
+        raise ValueError(f"unknown consensus method {method!r}; choose from {METHODS}")
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"unknown tie_break {tie_break!r}; choose from {TIE_BREAKS}")
+    n = scores.shape[0]
+    index = np.arange(n)
+    if method == "vote":
+        primary = -votes(scores, threshold_percentile).astype(np.float64)
+    elif method in ("mean", "merge"):
+        primary = -scores.mean(axis=1)
+    elif method == "max":
+        primary = -scores.max(axis=1)
+    elif method == "rank":
+        primary = task_ranks(scores).mean(axis=1)
+    else:  # norm
+        std = scores.std(axis=0)
+        z = (scores - scores.mean(axis=0)) / np.where(std > 0, std, 1.0)
+        primary = -z.mean(axis=1)
+    if tie_break == "mean_rank":
+        secondary = task_ranks(scores).mean(axis=1)
+    elif tie_break == "index":
+        secondary = np.zeros(n)
+    else:
+        secondary = np.random.default_rng(seed).permutation(n).astype(np.float64)
+    return np.lexsort((index, secondary, primary))  # last key is the primary one
+
+
+def select(scores, ratio: float, method: str = "vote", threshold_percentile: float = 80,
+           tie_break: str = "mean_rank", seed: int = 0) -> np.ndarray:
+    """Exactly ``int(ratio * N)`` selected row indices of the (N, K) ``scores``, sorted ascending."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = ordering(scores, method, threshold_percentile, tie_break, seed)
+    return np.sort(order[: budget(scores.shape[0], ratio)])

@@ -1,0 +1,82 @@
+"""The study's report: per-task test scores by model, relative performance, wall time per stage.
+
+Rows are named by selector (``base``, ``full``, ``random``, ``icons`` or the consensus variant)
+so scripts can parse the table; ``rel`` is the paper's relative performance (mean over tasks of
+score / full x 100) and ``rel_cc`` its chance-corrected form (mean of (s - chance) / (full - chance)
+x 100).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import tracking
+from .evaluate import relative
+from .io import atomic_write_text, read_json, write_json
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def score_table(tasks: list[str], scores: dict[str, dict[str, float]], chance: dict[str, float]):
+    has_full = "full" in scores
+    cols = ["model", *tasks] + (["rel_cc", "rel"] if has_full else [])
+    rows = [["chance", *[_fmt(chance[t]) for t in tasks]] + (["0.0", "-"] if has_full else [])]
+    for name, s in scores.items():
+        row = [name, *[_fmt(s[t]) for t in tasks]]
+        if has_full:
+            sub = {t: s[t] for t in tasks}
+            row += [_fmt(relative(sub, scores["full"], chance)), _fmt(relative(sub, scores["full"]))]
+        rows.append(row)
+    return cols, rows
+
+
+def _md_table(cols, rows) -> list[str]:
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def write_report(run) -> Path:
+    from .stages import selector_names
+
+    cfg, run_dir = run.cfg, run.run_dir
+    tasks = list(cfg.tasks.names)
+    stages = read_json(run_dir / "stages.json")
+    chance = read_json(run_dir / "eval" / "chance.json")
+    scores = {n: read_json(Path(stages[f"eval/{n}"]["path"]) / "manifest.json")["scores"]
+              for n in ["base", *selector_names(cfg)] if f"eval/{n}" in stages}
+    cols, rows = score_table(tasks, scores, chance)
+    md = [f"# icons report: {cfg.experiment_name}", "", f"run directory: `{run_dir}`", "",
+          f"selection ratio {cfg.selection.ratio}; consensus {cfg.consensus.method} "
+          f"(threshold percentile {cfg.consensus.threshold_percentile}, tie-break {cfg.consensus.tie_break}); "
+          f"gradient {cfg.gradient.kind}; projection {cfg.projection.kind}"
+          + (f" (dim {cfg.projection.dim})" if cfg.projection.kind != "none" else ""), "",
+          "Test scores in percent. MME: mean over sub-tasks of (acc + acc+)/2. MMBench: circular "
+          "evaluation. LLaVA-W: token F1. chance: a guesser that knows the answer format.", ""]
+    md += _md_table(cols, rows)
+    comp = {}
+    for name in selector_names(cfg):
+        p = run_dir / "selection" / name / "subset" / "composition.json"
+        if p.exists():
+            comp[name] = read_json(p)
+    if comp:
+        fams = sorted(next(iter(comp.values()))["pool"]["family"])
+        md += ["", "Composition (share of records) of each subset next to the pool:", ""]
+        crow = [["pool", *[f"{next(iter(comp.values()))['pool']['family'].get(f, 0):.3f}" for f in fams],
+                 f"{next(iter(comp.values()))['pool']['label_noise']:.3f}",
+                 f"{next(iter(comp.values()))['pool']['duplicates']:.3f}"]]
+        crow += [[n, *[f"{c['subset']['family'].get(f, 0):.3f}" for f in fams], f"{c['subset']['label_noise']:.3f}",
+                  f"{c['subset']['duplicates']:.3f}"] for n, c in comp.items()]
+        md += _md_table(["subset", *fams, "label_noise", "duplicates"], crow)
+    times = {k: v["wall_s"] for k, v in stages.items()}
+    md += ["", "Wall time per stage (seconds, when first computed; shared results are reused):", ""]
+    md += _md_table(["stage", "wall_s"], [[k, f"{v:.1f}"] for k, v in times.items()])
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(md) + "\n")
+    write_json(run_dir / "report.json", {"columns": cols, "rows": rows, "wall_s": times, "composition": comp})
+    wrun = tracking.start_run(cfg, "report", run_dir)
+    try:
+        tracking.log_table(wrun, "report", cols, rows)
+        tracking.log_files(wrun, "report", "report", [path])
+    finally:
+        tracking.finish(wrun)
+    return path

@@ -1,0 +1,62 @@
+"""``python -m icons.run``: the Hydra entry point; runs the configured stages in order.
+
+    python -m icons.run                                  # the embedded default (miniature study)
+    python -m icons.run +experiment=llava_20pct          # a composed study
+    python -m icons.run -m selection.ratio=0.1,0.2 consensus=vote,mean   # a sweep
+    python -m icons.run stages=[data,base] run_dir=outputs/mine          # some stages, fixed dir
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from .config import CONFIG_NAME, CONFIG_PATH, ConfigError, validate  # noqa: E402
+
+
+def directories(cfg: DictConfig) -> tuple[Path, Path]:
+    """(run_dir, study_dir): a multirun's jobs share the sweep directory as their study."""
+    hc = HydraConfig.get()
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(hc.runtime.output_dir)
+    study_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN and not cfg.run_dir else run_dir
+    return run_dir.resolve(), study_dir.resolve()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)
+def main(cfg: DictConfig) -> None:
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        sys.exit(2)
+    import logging
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from .stages import run_stages
+
+    run_dir, study_dir = directories(cfg)
+    print(f"[icons] run directory: {run_dir}", flush=True)
+    run_stages(cfg, run_dir, study_dir)
+    report = run_dir / "report.md"
+    if report.exists():
+        print(report.read_text())
+        print(f"[icons] report written to {report}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

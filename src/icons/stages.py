@@ -1,0 +1,513 @@
+"""The pipeline's stages: plain functions over files.
+
+Each stage reads what earlier stages wrote, writes its own files atomically and a
+``manifest.json`` last (key, outputs, wall time). A stage whose manifest exists with the same key
+is skipped, so rerunning a command resumes it.
+
+Two directories: ``run_dir`` (this job: data/base pointers, selections, subset, report) and
+``study_dir`` (content-addressed results that several jobs can share: warmup, features, scores,
+trained models and their evaluations, each under ``<stage>/<name>-<key>``). A single run uses
+its run directory for both; the jobs of a Hydra multirun share the sweep directory as their
+study, so ``-m selection.ratio=0.1,0.2 consensus=vote,mean`` warms up, extracts features, trains
+and evaluates the full-data model once.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import tracking
+from .data.encode import Encoder, EncodedDataset
+from .io import config_hash, read_json, read_jsonl, write_json
+from .train import OptimConfig, ShuffledBatches, fit, set_trainable
+
+
+@dataclass
+class Run:
+    cfg: DictConfig
+    run_dir: Path
+    study_dir: Path
+
+    def shared(self, stage: str, name: str, key: str) -> Path:
+        return self.study_dir / stage / f"{name}-{key}"
+
+
+# ---------------------------------------------------------------- manifests
+def finished(stage_dir: Path, key: str) -> dict | None:
+    p = stage_dir / "manifest.json"
+    if p.exists():
+        m = read_json(p)
+        if m.get("key") == key:
+            return m
+    return None
+
+
+def finish(stage_dir: Path, key: str, t0: float, **info) -> dict:
+    m = {"key": key, "wall_s": round(time.time() - t0, 2), **info}
+    write_json(stage_dir / "manifest.json", m)
+    return m
+
+
+def section(cfg: DictConfig, *keys: str) -> dict:
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
+
+
+def key_of(run: Run, stage: str) -> str:
+    """The key of an earlier stage's result, read from this run's pointer file."""
+    return read_json(run.run_dir / "stages.json")[stage]["key"]
+
+
+def _record(run: Run, stage: str, manifest: dict, path: Path) -> dict:
+    """Remember in the run directory which (possibly shared) result this run used."""
+    p = run.run_dir / "stages.json"
+    table = read_json(p) if p.exists() else {}
+    table[stage] = {"key": manifest["key"], "path": str(path), "wall_s": manifest.get("wall_s", 0.0)}
+    write_json(p, table)
+    return manifest
+
+
+def stage_path(run: Run, stage: str) -> Path:
+    return Path(read_json(run.run_dir / "stages.json")[stage]["path"])
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class DataPaths:
+    pool: Path
+    image_root: Path
+    meta: Path | None
+    val: dict[str, Path]
+    test: dict[str, Path]
+
+
+def stage_data(run: Run) -> dict:
+    """Materialise the pool and the task files (the benchmark is cached); record where they are."""
+    from .data.mini_llava import BenchmarkSpec, build
+
+    cfg = run.cfg
+    out = run.run_dir / "data"
+    key = config_hash(section(cfg, "data", "tasks"))
+    if m := finished(out, key):
+        return _record(run, "data", m, out)
+    t0 = time.time()
+    if cfg.data.kind != "mini_llava":
+        raise ValueError(f"data.kind={cfg.data.kind!r} is not supported by this stage yet")
+    spec = BenchmarkSpec(pool_size=cfg.data.pool_size, n_val=cfg.tasks.n_val, n_test=cfg.tasks.n_test,
+                         seed=cfg.data.seed, p_duplicate=cfg.data.p_duplicate,
+                         p_label_noise=cfg.data.p_label_noise, p_garbage=cfg.data.p_garbage,
+                         tasks=tuple(cfg.tasks.names))
+    bench = build(spec, Path(cfg.cache_dir))
+    m = finish(out, key, t0, pool=str(bench.pool_path), image_root=str(bench.image_root),
+               meta=str(bench.meta_path),
+               val={t: str(bench.task_path(t, "val")) for t in cfg.tasks.names},
+               test={t: str(bench.task_path(t, "test")) for t in cfg.tasks.names},
+               counts=read_json(bench.root / "manifest.json")["counts"])
+    return _record(run, "data", m, out)
+
+
+def data_paths(run: Run) -> DataPaths:
+    m = read_json(run.run_dir / "data" / "manifest.json")
+    return DataPaths(Path(m["pool"]), Path(m["image_root"]), Path(m["meta"]) if m.get("meta") else None,
+                     {k: Path(v) for k, v in m["val"].items()}, {k: Path(v) for k, v in m["test"].items()})
+
+
+def load_pool(run: Run) -> list[dict]:
+    return read_json(data_paths(run).pool)
+
+
+def load_val(run: Run) -> list[dict]:
+    recs = []
+    for task, path in data_paths(run).val.items():
+        for r in read_json(path):
+            recs.append(dict(r, task=task))
+    return recs
+
+
+# ---------------------------------------------------------------- base model
+def base_recipe(cfg: DictConfig) -> dict:
+    m = cfg.model
+    return {"examples": m.pretrain.examples, "batch_size": m.pretrain.batch_size, "lr": m.pretrain.lr,
+            "seed": m.pretrain.seed, "text_qa_fraction": m.pretrain.text_qa_fraction,
+            "image_size": m.image_size, "patch_size": m.patch_size, "vision_hidden": m.vision_hidden,
+            "vision_layers": m.vision_layers, "text_hidden": m.text_hidden, "text_layers": m.text_layers,
+            "text_heads": m.text_heads, "max_length": m.max_length}
+
+
+def resolve_base(cfg: DictConfig) -> Path:
+    """The base checkpoint: ``model.path`` if given; else the shipped tiny base when its recipe
+    matches the config; else one pretrained into the cache (once per recipe)."""
+    from .models.base import ASSET, pretrain_base
+
+    if cfg.model.path:
+        return Path(cfg.model.path)
+    recipe = base_recipe(cfg)
+    shipped = ASSET / "icons_base.json"
+    if shipped.exists() and read_json(shipped)["recipe"] == recipe:
+        return ASSET
+    cached = Path(cfg.cache_dir) / "tiny_llava_base" / config_hash(recipe)
+    if not (cached / "icons_base.json").exists():
+        print(f"[icons] pretraining the tiny base into {cached} (once per recipe)", flush=True)
+        tmp = cached.with_name(cached.name + ".partial")
+        pretrain_base(tmp, **recipe, trainer_cfg=cfg.trainer)
+        tmp.rename(cached)
+    return cached
+
+
+def stage_base(run: Run) -> dict:
+    out = run.run_dir / "base"
+    key = config_hash(section(run.cfg, "model"))
+    if m := finished(out, key):
+        return _record(run, "base", m, out)
+    t0 = time.time()
+    return _record(run, "base", finish(out, key, t0, path=str(resolve_base(run.cfg))), out)
+
+
+def load_base(run: Run):
+    from .models import tiny_llava
+
+    return tiny_llava.load(read_json(run.run_dir / "base" / "manifest.json")["path"])
+
+
+def make_encoder(run: Run, tokenizer) -> Encoder:
+    from .models.tiny_llava import n_image_tokens
+
+    m = run.cfg.model
+    return Encoder(tokenizer, n_image_tokens(m.image_size, m.patch_size), m.image_size, m.max_length,
+                   data_paths(run).image_root)
+
+
+# ---------------------------------------------------------------- ICONS step 1: warmup
+def stage_warmup(run: Run) -> dict:
+    from .models.lora import add_lora
+    from .warmup import run_warmup, warmup_ids
+
+    cfg = run.cfg
+    key = config_hash({**section(cfg, "warmup", "seed"), "data": key_of(run, "data"), "base": key_of(run, "base"),
+                       "lora": OmegaConf.to_container(cfg.model.lora, resolve=True)})
+    out = run.shared("warmup", "warmup", key)
+    if m := finished(out, key):
+        return _record(run, "warmup", m, out)
+    t0 = time.time()
+    pool = load_pool(run)
+    ids = warmup_ids([r["id"] for r in pool], cfg.warmup.fraction, cfg.seed)
+    by_id = {r["id"]: r for r in pool}
+    model, tok = load_base(run)
+    model = add_lora(model, cfg.model.lora)
+    wrun = tracking.start_run(cfg, "warmup", run.run_dir)
+    try:
+        ckpts = run_warmup(model, make_encoder(run, tok), [by_id[i] for i in ids], out, cfg.warmup.epochs,
+                           cfg.warmup.batch_size, cfg.warmup.lr, cfg.seed, cfg.trainer)
+        tracking.log_metrics(wrun, {"warmup/examples": len(ids), "warmup/checkpoints": len(ckpts)})
+    finally:
+        tracking.finish(wrun)
+    write_json(out / "ids.json", ids)
+    m = finish(out, key, t0, examples=len(ids), checkpoints=ckpts)
+    print(f"[icons] warmup: {len(ids)} examples, {len(ckpts)} checkpoints in {m['wall_s']:.0f}s", flush=True)
+    return _record(run, "warmup", m, out)
+
+
+def warmup_checkpoints(run: Run) -> list[Path]:
+    wdir = stage_path(run, "warmup")
+    ckpts = sorted(wdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts if run.cfg.warmup.checkpoints == "all" else ckpts[-1:]
+
+
+# ---------------------------------------------------------------- ICONS step 2: features
+def stage_features(run: Run) -> dict:
+    from .features.extract import extract
+    from .models.lora import add_lora
+    from .warmup import load_checkpoint
+
+    cfg = run.cfg
+    key = config_hash({**section(cfg, "gradient", "projection", "warmup"), "warmup": key_of(run, "warmup"),
+                       "tasks": section(cfg, "tasks")})
+    out = run.shared("features", "features", key)
+    if m := finished(out, key):
+        return _record(run, "features", m, out)
+    t0 = time.time()
+    pool, val = load_pool(run), load_val(run)
+    frun = tracking.start_run(cfg, "features", run.run_dir)
+    metas = {}
+    try:
+        for ckpt in warmup_checkpoints(run):
+            model, tok = load_base(run)
+            model = add_lora(model, cfg.model.lora)
+            moments = load_checkpoint(model, ckpt)
+            model.eval()
+            meta = extract(model, make_encoder(run, tok), pool, val, out / ckpt.name,
+                           moments if cfg.gradient.kind == "adam" else None, cfg.projection.kind,
+                           cfg.projection.dim, cfg.projection.seed, cfg.gradient.batch_size, cfg.projection.dtype)
+            metas[ckpt.name] = dict(meta, avg_lr=moments[2]["avg_lr"])
+            print(f"[icons] features at {ckpt.name}: {meta['n_pool']} pool + {meta['n_val']} val, "
+                  f"grad dim {meta['grad_dim']}, {meta['projection']['kind']} -> {meta['projection']['dim']} "
+                  f"in {meta['wall_s']:.0f}s", flush=True)
+        tracking.log_metrics(frun, {"features/grad_dim": next(iter(metas.values()))["grad_dim"]})
+    finally:
+        tracking.finish(frun)
+    return _record(run, "features", finish(out, key, t0, checkpoints=metas), out)
+
+
+# ---------------------------------------------------------------- ICONS step 3: specialist scores
+def stage_scores(run: Run) -> dict:
+    from .features.extract import load_group_scores
+    from .influence import MERGE, combine_checkpoints, task_table
+
+    cfg = run.cfg
+    fdir = stage_path(run, "features")
+    key = config_hash({"features": key_of(run, "features")})
+    out = run.shared("scores", "scores", key)
+    if m := finished(out, key):
+        return _record(run, "scores", m, out)
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    fman = read_json(fdir / "manifest.json")
+    per_ckpt, lrs = [], []
+    for name, meta in fman["checkpoints"].items():
+        s, groups, ids = load_group_scores(fdir / name)
+        per_ckpt.append(s)
+        lrs.append(meta["avg_lr"])
+    combined = combine_checkpoints(per_ckpt, lrs)
+    tasks = list(cfg.tasks.names)
+    table = task_table(combined, groups, tasks).astype(np.float32)
+    np.save(out / "task_scores.npy", table, allow_pickle=False)
+    np.save(out / "merge_scores.npy", combined[:, groups.index(MERGE)].astype(np.float32), allow_pickle=False)
+    write_json(out / "ids.json", ids)
+    write_json(out / "tasks.json", tasks)
+    write_json(out / "weights.json", dict(zip(fman["checkpoints"], (np.asarray(lrs) / sum(lrs)).tolist())))
+    return _record(run, "scores", finish(out, key, t0, n=len(ids), tasks=tasks), out)
+
+
+def load_scores(run: Run) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    d = stage_path(run, "scores")
+    return (np.load(d / "task_scores.npy"), np.load(d / "merge_scores.npy"), read_json(d / "ids.json"),
+            read_json(d / "tasks.json"))
+
+
+# ---------------------------------------------------------------- ICONS steps 4-5: generalist
+def icons_name(cfg: DictConfig) -> str:
+    """Report row of the influence selector: 'icons' (vote) or the consensus variant's name."""
+    return "icons" if cfg.consensus.method == "vote" else cfg.consensus.method
+
+
+def selector_names(cfg: DictConfig) -> list[str]:
+    return [icons_name(cfg) if s == "icons" else s for s in cfg.selectors]
+
+
+def stage_select(run: Run) -> dict:
+    from . import consensus
+
+    cfg = run.cfg
+    results = {}
+    for sel in cfg.selectors:
+        if sel == "full":
+            continue
+        name = icons_name(cfg) if sel == "icons" else sel
+        out = run.run_dir / "selection" / name
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        if sel == "random":
+            ids = [r["id"] for r in load_pool(run)]
+            key = config_hash({"data": key_of(run, "data"), "sel": section(cfg, "selection")})
+            if m := finished(out, key):
+                results[name] = m
+                continue
+            k = consensus.budget(len(ids), cfg.selection.ratio)
+            idx = np.sort(np.asarray(random.Random(cfg.selection.seed).sample(range(len(ids)), k), dtype=np.int64))
+            extra = {}
+        elif sel == "icons":
+            table, merge, ids, tasks = load_scores(run)
+            key = config_hash({"scores": key_of(run, "scores"), "sel": section(cfg, "selection", "consensus")})
+            if m := finished(out, key):
+                results[name] = m
+                continue
+            c = cfg.consensus
+            scores = merge[:, None] if c.method == "merge" else table
+            idx = consensus.select(scores, cfg.selection.ratio, c.method, c.threshold_percentile, c.tie_break,
+                                   cfg.selection.seed)
+            v = consensus.votes(table, c.threshold_percentile)
+            np.save(out / "votes.npy", v.astype(np.int16), allow_pickle=False)
+            extra = {"vote_histogram": {int(k): int(n) for k, n in sorted(Counter(v.tolist()).items())},
+                     "selected_vote_histogram": {int(k): int(n) for k, n in sorted(Counter(v[idx].tolist()).items())}}
+        else:
+            raise ValueError(f"unknown selector {sel!r}; available: full, random, icons")
+        np.save(out / "indices.npy", idx, allow_pickle=False)
+        write_json(out / "ids.json", [ids[i] for i in idx])
+        results[name] = finish(out, key, t0, selector=name, n=int(len(idx)), of=len(ids), **extra)
+    return results
+
+
+# ---------------------------------------------------------------- step 5b: the subset files
+def stage_subset(run: Run) -> dict:
+    from .subset import write_subset
+
+    results = {}
+    pool = load_pool(run)
+    paths = data_paths(run)
+    meta = read_jsonl(paths.meta) if paths.meta and paths.meta.exists() else None
+    for name in selector_names(run.cfg):
+        if name == "full":
+            continue
+        out = run.run_dir / "selection" / name
+        sel_key = read_json(out / "manifest.json")["key"]
+        sub = out / "subset"
+        if m := finished(sub, sel_key):
+            results[name] = m
+            continue
+        t0 = time.time()
+        stats = write_subset(pool, read_json(out / "ids.json"), meta, sub)
+        results[name] = finish(sub, sel_key, t0, **stats)
+    return results
+
+
+# ---------------------------------------------------------------- step 6: train on a selection
+def selection_ids(run: Run, name: str, pool: list[dict]) -> list[str]:
+    if name == "full":
+        return [r["id"] for r in pool]
+    path = run.run_dir / "selection" / name / "ids.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no selection {name!r}: {path} (run the select stage first)")
+    return read_json(path)
+
+
+def train_model(run: Run, records: list[dict], out: Path, logger_run=None) -> dict:
+    from .models import tiny_llava
+
+    cfg = run.cfg
+    model, tok = load_base(run)
+    enc = make_encoder(run, tok)
+    if cfg.train.mode == "lora":
+        from .models.lora import add_lora
+
+        model = add_lora(model, cfg.model.lora)
+    else:
+        set_trainable(model, "full")
+    items = EncodedDataset(records, enc).items
+    batches = ShuffledBatches(items, cfg.train.batch_size, cfg.train.epochs, cfg.seed, tok.pad_token_id)
+    optim = OptimConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_ratio=cfg.train.warmup_ratio,
+                        scheduler=cfg.train.scheduler, grad_clip=cfg.train.grad_clip)
+    torch.manual_seed(cfg.seed)
+    module = fit(model, batches, optim, cfg.trainer)
+    if cfg.train.mode == "lora":
+        model = model.merge_and_unload()
+    tiny_llava.save(model, tok, out / "model", cfg.model.image_size, cfg.model.patch_size)
+    losses = module.losses
+    k = max(1, len(losses) // 50)
+    curve = [sum(losses[i:i + k]) / len(losses[i:i + k]) for i in range(0, len(losses), k)]
+    for i, v in enumerate(curve):
+        tracking.log_metrics(logger_run, {"train/loss": v, "train/step": i * k})
+    return {"examples": len(records), "steps": len(losses), "loss_first": curve[0], "loss_last": curve[-1],
+            "truncated": sum(e.truncated for e in items)}
+
+
+def stage_train(run: Run) -> dict:
+    cfg = run.cfg
+    pool = load_pool(run)
+    by_id = {r["id"]: r for r in pool}
+    results = {}
+    for name in selector_names(cfg):
+        ids = selection_ids(run, name, pool)
+        key = config_hash({**section(cfg, "train", "seed"), "base": key_of(run, "base"), "ids": config_hash(ids)})
+        out = run.shared("train", name, key)
+        if m := finished(out, key):
+            results[name] = m
+            _record(run, f"train/{name}", m, out)
+            continue
+        t0 = time.time()
+        trun = tracking.start_run(cfg, f"train-{name}", run.run_dir)
+        try:
+            info = train_model(run, [by_id[i] for i in ids], out, trun)
+            tracking.log_metrics(trun, {f"train/{k}": v for k, v in info.items()})
+        finally:
+            tracking.finish(trun)
+        results[name] = _record(run, f"train/{name}", finish(out, key, t0, selector=name, **info), out)
+        print(f"[icons] trained {name}: {info['examples']} examples, loss {info['loss_first']:.3f} -> "
+              f"{info['loss_last']:.3f} in {results[name]['wall_s']:.0f}s", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------- step 6b: evaluate
+def evaluate_model(run: Run, model_dir: Path | None) -> dict:
+    from .data.mini_llava import LONG_ANSWER_TASKS
+    from .evaluate import evaluate_task
+    from .models import tiny_llava
+
+    cfg = run.cfg
+    model, tok = load_base(run) if model_dir is None else tiny_llava.load(model_dir)
+    paths = data_paths(run)
+    enc = make_encoder(run, tok)
+    out = {}
+    for task in cfg.tasks.names:
+        n_new = cfg.eval.max_new_tokens_long if task in LONG_ANSWER_TASKS else cfg.eval.max_new_tokens
+        out[task] = evaluate_task(model, enc, task, read_json(paths.test[task]), n_new, cfg.eval.batch_size)
+    return out
+
+
+def stage_eval(run: Run) -> dict:
+    from .evaluate import chance
+
+    cfg = run.cfg
+    paths = data_paths(run)
+    write_json(run.run_dir / "eval" / "chance.json", {t: chance(t, read_json(paths.test[t])) for t in cfg.tasks.names})
+    results = {}
+    for name in ["base", *selector_names(cfg)]:
+        model_key = key_of(run, "base" if name == "base" else f"train/{name}")
+        model_dir = None if name == "base" else stage_path(run, f"train/{name}") / "model"
+        key = config_hash({"eval": section(cfg, "eval", "tasks"), "model": model_key, "data": key_of(run, "data")})
+        out = run.shared("eval", name, key)
+        if m := finished(out, key):
+            results[name] = _record(run, f"eval/{name}", m, out)
+            continue
+        t0 = time.time()
+        erun = tracking.start_run(cfg, f"eval-{name}", run.run_dir)
+        try:
+            metrics = evaluate_model(run, model_dir)
+            tracking.log_metrics(erun, {f"eval/{t}": v["score"] for t, v in metrics.items()})
+        finally:
+            tracking.finish(erun)
+        write_json(out / "metrics.json", metrics)
+        results[name] = _record(run, f"eval/{name}",
+                                finish(out, key, t0, scores={t: v["score"] for t, v in metrics.items()}), out)
+        print(f"[icons] evaluated {name} in {results[name]['wall_s']:.0f}s: "
+              + " ".join(f"{t}={v['score']:.1f}" for t, v in metrics.items()), flush=True)
+    return results
+
+
+# ---------------------------------------------------------------- report
+def stage_report(run: Run) -> dict:
+    from .report import write_report
+
+    t0 = time.time()
+    path = write_report(run)
+    print(f"[icons] report: {path}", flush=True)
+    return {"report": str(path), "wall_s": round(time.time() - t0, 2)}
+
+
+STAGES = {"data": stage_data, "base": stage_base, "warmup": stage_warmup, "features": stage_features,
+          "scores": stage_scores, "select": stage_select, "subset": stage_subset, "train": stage_train,
+          "eval": stage_eval, "report": stage_report}
+
+
+def run_stages(cfg: DictConfig, run_dir: Path, study_dir: Path | None = None) -> dict:
+    torch.set_flush_denormal(True)  # small LoRA gradients are otherwise 40-250x slower on CPU
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    run = Run(cfg, Path(run_dir), Path(study_dir or run_dir))
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in cfg.stages:
+        if name not in STAGES:
+            raise ValueError(f"stage {name!r} is not implemented; available: {sorted(STAGES)}")
+        t0 = time.time()
+        results[name] = STAGES[name](run)
+        timing_path = run.run_dir / "timings.json"
+        timing = read_json(timing_path) if timing_path.exists() else {}
+        timing[name] = round(time.time() - t0, 2)
+        write_json(timing_path, timing)
+    return results

@@ -1,0 +1,138 @@
+"""Training shells: a LightningModule that fine-tunes a LLaVA on LLaVA-format records.
+
+Used for the stage-1 base (all parameters, streamed data), for training on a selected subset
+(``mode=full``: projector + language model, vision tower frozen, the LLaVA stage-2 recipe; or
+``mode=lora``), and for the ICONS warmup (LoRA). The learning rate of every step is recorded
+(the warmup's checkpoints need their average learning rate).
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+
+from .data.encode import Encoded, Encoder, collate
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float, scheduler: str) -> float:
+    warm = max(1, math.ceil(warmup_ratio * total)) if warmup_ratio > 0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    if scheduler == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total - warm)
+    if scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_trainable(model, mode: str) -> None:
+    """'all': every weight (stage-1 base); 'full': projector + language model (vision frozen);
+    'lora': only LoRA weights (peft already froze the rest)."""
+    if mode == "lora":
+        return
+    for name, p in model.named_parameters():
+        p.requires_grad = mode == "all" or "vision_tower" not in name
+
+
+class LlavaModule(L.LightningModule):
+    def __init__(self, model, optim: OptimConfig, total_steps: int):
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.total_steps = total_steps
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.losses.append(float(loss.detach()))
+        self.lrs.append(self.optimizers().param_groups[0]["lr"])
+        self.log("train/loss", loss, prog_bar=False, on_step=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay,
+                                betas=self.optim.betas, eps=self.optim.eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, self.total_steps, self.optim.warmup_ratio, self.optim.scheduler))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class ShuffledBatches(torch.utils.data.IterableDataset):
+    """Epochs over pre-encoded examples, reshuffled each epoch from a seed, batches collated."""
+
+    def __init__(self, items: list[Encoded], batch_size: int, epochs: int, seed: int, pad_id: int):
+        self.items, self.batch_size, self.epochs, self.seed, self.pad_id = items, batch_size, epochs, seed, pad_id
+
+    def __len__(self) -> int:
+        return self.epochs * math.ceil(len(self.items) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        for epoch in range(self.epochs):
+            order = list(range(len(self.items)))
+            random.Random(self.seed * 1000 + epoch).shuffle(order)
+            for i in range(0, len(order), self.batch_size):
+                yield collate([self.items[j] for j in order[i:i + self.batch_size]], self.pad_id)
+
+
+class StreamedBatches(torch.utils.data.IterableDataset):
+    """Batches from an endless record stream (records carry an image spec in '_spec')."""
+
+    def __init__(self, stream, encoder: Encoder, batch_size: int, steps: int, render):
+        self.stream, self.encoder, self.batch_size, self.steps, self.render = stream, encoder, batch_size, steps, render
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict]:
+        from .models.tiny_llava import pixels_uint8
+
+        for _ in range(self.steps):
+            batch = []
+            for _ in range(self.batch_size):
+                rec = next(self.stream)
+                pix = None if rec["_spec"] is None else pixels_uint8(self.render(rec["_spec"]), self.encoder.image_size)
+                batch.append(self.encoder.encode(rec, True, pix))
+            yield collate(batch, self.encoder.tok.pad_token_id)
+
+
+def make_trainer(trainer_cfg=None, max_steps: int = -1, logger=False, callbacks=None,
+                 grad_clip: float = 0.0) -> L.Trainer:
+    tc = trainer_cfg
+    return L.Trainer(
+        accelerator=getattr(tc, "accelerator", "cpu"), devices=getattr(tc, "devices", 1),
+        num_nodes=getattr(tc, "num_nodes", 1), strategy=getattr(tc, "strategy", "auto"),
+        precision=getattr(tc, "precision", "32-true"), max_steps=max_steps, max_epochs=1,
+        logger=logger, callbacks=callbacks or [], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=grad_clip or None,
+        num_sanity_val_steps=0, log_every_n_steps=50)
+
+
+def fit(model, batches: torch.utils.data.IterableDataset, optim: OptimConfig, trainer_cfg=None,
+        logger=False) -> LlavaModule:
+    """Train ``model`` in place on ``batches``; returns the module (losses and lrs per step)."""
+    steps = len(batches)
+    module = LlavaModule(model, optim, steps)
+    trainer = make_trainer(trainer_cfg, steps, logger, grad_clip=optim.grad_clip)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0)
+    model.train()
+    trainer.fit(module, loader)
+    model.eval()
+    return module

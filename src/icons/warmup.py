@@ -1,0 +1,90 @@
+"""Step 1 of ICONS (from LESS): LoRA warmup on a small random subset of the pool.
+
+Saves one checkpoint per epoch: the LoRA weights, the Adam moments (exp_avg, exp_avg_sq) of every
+LoRA weight, and the average learning rate over the epoch (checkpoint weights for the scores).
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data.encode import EncodedDataset
+from .io import write_json
+from .train import LlavaModule, OptimConfig, ShuffledBatches, make_trainer
+
+
+def warmup_ids(pool_ids: list[str], fraction: float, seed: int) -> list[str]:
+    n = max(1, int(round(fraction * len(pool_ids))))
+    return sorted(random.Random(seed).sample(pool_ids, n))
+
+
+class EpochCheckpoints(L.Callback):
+    def __init__(self, out_dir: Path, steps_per_epoch: int):
+        self.out_dir, self.steps_per_epoch = out_dir, steps_per_epoch
+        self.saved: list[dict] = []
+
+    def on_train_batch_end(self, trainer, module: LlavaModule, outputs, batch, batch_idx):
+        step = len(module.lrs)
+        if step % self.steps_per_epoch and step != module.total_steps:
+            return
+        epoch = math.ceil(step / self.steps_per_epoch)
+        ckpt = self.out_dir / f"checkpoint-{epoch}"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        opt = trainer.optimizers[0]
+        names = {id(p): n for n, p in module.model.named_parameters() if p.requires_grad}
+        weights, m, v = {}, {}, {}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                n = names[id(p)]
+                weights[n] = p.detach().clone().contiguous()
+                st = opt.state[p]
+                m[n] = st["exp_avg"].detach().clone().contiguous()
+                v[n] = st["exp_avg_sq"].detach().clone().contiguous()
+        save_file(weights, str(ckpt / "lora.safetensors"))
+        save_file({**{f"m::{k}": t for k, t in m.items()}, **{f"v::{k}": t for k, t in v.items()}},
+                  str(ckpt / "adam.safetensors"))
+        span = module.lrs[(epoch - 1) * self.steps_per_epoch:step]
+        info = {"epoch": epoch, "step": step, "avg_lr": sum(span) / len(span),
+                "betas": list(opt.param_groups[0]["betas"]), "eps": opt.param_groups[0]["eps"]}
+        write_json(ckpt / "checkpoint.json", info)
+        self.saved.append(info)
+
+
+def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, batch_size: int, lr: float,
+               seed: int, trainer_cfg=None) -> list[dict]:
+    """LoRA-train ``model`` (a peft model) on ``records``; returns the checkpoints' info."""
+    items = EncodedDataset(records, encoder).items
+    batches = ShuffledBatches(items, batch_size, epochs, seed, encoder.tok.pad_token_id)
+    steps_per_epoch = math.ceil(len(items) / batch_size)
+    module = LlavaModule(model, OptimConfig(lr=lr, warmup_ratio=0.03, scheduler="linear", weight_decay=0.0),
+                         len(batches))
+    cb = EpochCheckpoints(out_dir, steps_per_epoch)
+    trainer = make_trainer(trainer_cfg, len(batches), callbacks=[cb], grad_clip=1.0)
+    torch.manual_seed(seed)
+    model.train()
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    model.eval()
+    return cb.saved
+
+
+def load_checkpoint(model, ckpt: Path) -> tuple[dict, dict, dict]:
+    """Load LoRA weights into ``model``; return (m, v, info) with moments keyed by parameter name."""
+    weights = load_file(str(ckpt / "lora.safetensors"))
+    params = dict(model.named_parameters())
+    missing = set(weights) ^ {n for n, p in params.items() if p.requires_grad}
+    if missing:
+        raise ValueError(f"{ckpt}: LoRA weights do not match the model: {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    adam = load_file(str(ckpt / "adam.safetensors"))
+    m = {k[3:]: t for k, t in adam.items() if k.startswith("m::")}
+    v = {k[3:]: t for k, t in adam.items() if k.startswith("v::")}
+    from .io import read_json
+
+    return m, v, read_json(ckpt / "checkpoint.json")

@@ -1,0 +1,77 @@
+"""Generalist stage against hand-worked cases."""
+import numpy as np
+import pytest
+
+from icons.consensus import select, task_ranks, thresholds, votes
+
+# Two tasks, five pool examples (worked by hand below).
+S = np.array([[0.9, 0.2], [0.1, 0.8], [0.5, 0.6], [0.7, 0.4], [0.3, 0.9]])
+
+
+def test_threshold_is_an_exact_order_statistic():
+    # 60th percentile, method 'higher': position 0.6*(5-1)=2.4 -> sorted[3]
+    assert thresholds(S, 60).tolist() == [0.7, 0.8]
+    # 80th percentile of 10 values keeps exactly the top 2
+    col = np.arange(10.0)[:, None]
+    assert thresholds(col, 80).tolist() == [8.0]
+    assert votes(col, 80).tolist() == [0] * 8 + [1, 1]
+
+
+def test_votes_by_hand():
+    # task 0: rows 0 (0.9) and 3 (0.7) reach 0.7; task 1: rows 1 (0.8) and 4 (0.9) reach 0.8
+    assert votes(S, 60).tolist() == [1, 1, 0, 1, 1]
+
+
+def test_ranks_by_hand():
+    assert task_ranks(S).tolist() == [[0, 4], [4, 1], [2, 2], [1, 3], [3, 0]]
+    tied = np.array([[1.0], [1.0], [0.5]])
+    assert task_ranks(tied).ravel().tolist() == [0, 0, 2]
+
+
+def test_boundary_ties_broken_by_mean_rank_then_index():
+    # rows 0,1,3,4 all have one vote; mean ranks 2.0, 2.5, 2.0, 1.5 -> row 4, then rows 0 and 3
+    # tie at 2.0 and the lower index (0) wins.
+    assert select(S, 0.4, "vote", 60).tolist() == [0, 4]
+    assert select(S, 0.4, "vote", 60, tie_break="index").tolist() == [0, 1]
+    r1 = select(S, 0.4, "vote", 60, tie_break="random", seed=3)
+    assert r1.tolist() == select(S, 0.4, "vote", 60, tie_break="random", seed=3).tolist()
+    assert set(r1) <= {0, 1, 3, 4}
+
+
+def test_budget_is_exact_and_sorted():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(1003, 4))
+    for ratio in (0.05, 0.1, 0.2, 0.6, 1.0):
+        sel = select(s, ratio)
+        assert len(sel) == int(ratio * 1003)
+        assert (np.diff(sel) > 0).all()
+    # a constant score column: ties everywhere, still exactly the budget
+    assert len(select(np.zeros((10, 3)), 0.3)) == 3
+
+
+def test_threshold_independent_of_budget():
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=(200, 3))
+    v = votes(s, 80)
+    small, large = set(select(s, 0.1).tolist()), set(select(s, 0.6).tolist())
+    assert small <= large  # one ranking, cut at different budgets
+    # at 60% every example with a vote is in, and the 80th-percentile threshold did not move
+    assert set(np.flatnonzero(v > 0)) <= large and v.sum() == 3 * 40
+
+
+def test_aggregation_ablations_by_hand():
+    # means .55 .45 .55 .55 .6 -> row 4, then rows 0/2/3 tie at .55 with equal mean rank -> row 0
+    assert select(S, 0.4, "mean").tolist() == [0, 4]
+    assert select(S, 0.2, "max").tolist() == [4]     # 0.9 twice: rows 0 and 4 tie; mean rank 1.5 < 2.0
+    assert select(S, 0.2, "rank").tolist() == [4]    # mean ranks 2, 2.5, 2, 2, 1.5
+    z = (S - S.mean(0)) / S.std(0)
+    assert select(S, 0.2, "norm").tolist() == [int(np.argmax(z.mean(1)))]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="ratio"):
+        select(S, 1.5)
+    with pytest.raises(ValueError, match="NaN"):
+        select(np.array([[np.nan]]), 0.5)
+    with pytest.raises(ValueError, match="consensus method"):
+        select(S, 0.5, "median")

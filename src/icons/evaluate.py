@@ -132,13 +132,13 @@ def chance(task: str, records: list[dict], seed: int = 0) -> float:
 
 
 def relative(scores: dict[str, float], full: dict[str, float], chance_: dict[str, float] | None = None) -> float:
-    """Paper's relative performance: mean over tasks of score/full*100; with ``chance_`` the
-    chance-corrected variant (s - chance)/(full - chance)*100."""
+    """Paper's relative performance: mean over tasks of score / full x 100; with ``chance_`` the
+    chance-corrected variant, mean of (s - chance) / (full - chance) x 100. Tasks where full data
+    is not above the reference point (0, or chance) have no defined ratio and are left out;
+    NaN when no task is left."""
     vals = []
     for t, s in scores.items():
-        if chance_ is None:
-            vals.append(100 * s / full[t] if full[t] else float("nan"))
-        else:
-            d = full[t] - chance_[t]
-            vals.append(100 * (s - chance_[t]) / d if d else float("nan"))
-    return sum(vals) / len(vals)
+        ref = 0.0 if chance_ is None else chance_[t]
+        if full[t] - ref > 0:
+            vals.append(100 * (s - ref) / (full[t] - ref))
+    return sum(vals) / len(vals) if vals else float("nan")

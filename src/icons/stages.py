@@ -199,6 +199,7 @@ def stage_warmup(run: Run) -> dict:
     ids = warmup_ids([r["id"] for r in pool], cfg.warmup.fraction, cfg.seed)
     by_id = {r["id"]: r for r in pool}
     model, tok = load_base(run)
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are initialised at random
     model = add_lora(model, cfg.model.lora)
     wrun = tracking.start_run(cfg, "warmup", run.run_dir)
     try:
@@ -382,6 +383,7 @@ def train_model(run: Run, records: list[dict], out: Path, logger_run=None) -> di
     cfg = run.cfg
     model, tok = load_base(run)
     enc = make_encoder(run, tok)
+    torch.manual_seed(cfg.seed)
     if cfg.train.mode == "lora":
         from .models.lora import add_lora
 

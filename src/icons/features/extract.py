@@ -71,27 +71,28 @@ def extract(model, encoder: Encoder, pool: list[dict], val: list[dict], out_dir:
         done = np.load(mask_path) if mode == "r+" else np.zeros(n, dtype=bool)
         if mode == "w+":
             write_json(out_dir / "pool_ids.json", [r["id"] for r in pool])
-        todo = [i for i in range(n) if not done[i]]
-        items = {i: encoder.encode(pool[i]) for i in todo}
+        # The batch plan covers every row and never depends on what is already done, so a
+        # resumed run forms the same batches (same padding, same bytes) as an uninterrupted one.
+        lengths = [len(encoder.encode(r).input_ids) for r in pool]
+        order = sorted(range(n), key=lambda i: (lengths[i], i))
+        plan = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+        plan = [b for b in plan if not done[b].all()]
         if moments is not None:
             m, v, info = moments
             m_flat = torch.cat([m[name].reshape(-1) for name in pe.names]).float()
             v_flat = torch.cat([v[name].reshape(-1) for name in pe.names]).float()
             beta1, beta2 = info["betas"]
             eps = info["eps"]
-        losses = np.zeros(n, dtype=np.float32)
         last_save = time.time()
-        order = sorted(todo, key=lambda i: len(items[i].input_ids))
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            g, loss = pe(collate([items[i] for i in idx], encoder.tok.pad_token_id))
+        for idx in plan:
+            items = {i: encoder.encode(pool[i]) for i in idx}
+            g, _ = pe(collate([items[i] for i in idx], encoder.tok.pad_token_id))
             if moments is not None:
                 g = adam_precondition(g, m_flat, v_flat, beta1, beta2, eps)
             f = normalise_rows(proj(g))
             scores[idx] = (f @ means.T).numpy()
             if feats is not None:
                 feats[idx] = f.numpy().astype(feats.dtype)
-            losses[idx] = loss.numpy()
             done[idx] = True
             if time.time() - last_save > save_every_s:
                 scores.flush()

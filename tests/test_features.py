@@ -1,0 +1,149 @@
+"""Feature extraction and task scores against computations written out independently."""
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from icons.data.encode import Encoder, collate
+from icons.data.mini_llava import tokenizer_corpus
+from icons.features.extract import extract, load_group_scores
+from icons.features.grads import reference_grads
+from icons.features.projection import Rademacher
+from icons.influence import MERGE, combine_checkpoints, direct_scores, group_means, task_table
+from icons.models import tiny_llava
+from icons.models.lora import add_lora
+
+LORA = OmegaConf.create({"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": r".*language_model.*\.(q_proj|v_proj)"})
+
+
+def _rec(i, q, a, task=None, subtask=None):
+    r = {"id": f"r{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+    if task:
+        r["task"] = task
+    if subtask:
+        r["subtask"] = subtask
+    return r
+
+
+POOL = [_rec(i, q, a) for i, (q, a) in enumerate([
+    ("What is 3 plus 4 ?", "3 plus 4 is 7 ."), ("Is 5 even or odd ?", "5 is odd ."),
+    ("Does a circle have corners ?", "No , a circle has no corners ."), ("What is 9 minus 2 ?", "9 minus 2 is 7 ."),
+    ("Which is larger , 2 or 8 ?", "8 is larger than 2 ."), ("How many sides does a square have ?", "A square has 4 sides .")])]
+VAL = [_rec(10, "What is 1 plus 1 ?", "1 plus 1 is 2 .", "math"), _rec(11, "What is 6 minus 1 ?", "6 minus 1 is 5 .", "math"),
+       _rec(12, "Does a square have corners ?", "Yes , a square has corners .", "shapes", "corners"),
+       _rec(13, "How many sides does a triangle have ?", "A triangle has 3 sides .", "shapes", "sides")]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_llava.build_tokenizer(tokenizer_corpus(per_family=50, per_task=20))
+    torch.manual_seed(0)
+    model = add_lora(tiny_llava.build_model(tok, text_hidden=64, text_layers=2, vision_hidden=32), LORA)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.eval()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    m = {n: torch.randn(shapes[n], generator=g) * 1e-3 for n in names}
+    v = {n: torch.rand(shapes[n], generator=g) * 1e-5 for n in names}
+    info = {"betas": [0.9, 0.999], "eps": 1e-8, "avg_lr": 1e-3}
+    return tok, model, (m, v, info), names
+
+
+def _expected(model, tok, names, moments):
+    enc = Encoder(tok, 16, 32, 160)
+    pool_g = reference_grads(model, collate([enc.encode(r) for r in POOL], tok.pad_token_id))
+    val_g = reference_grads(model, collate([enc.encode(r) for r in VAL], tok.pad_token_id))
+    m, v, info = moments
+    mf = torch.cat([m[n].reshape(-1) for n in names])
+    vf = torch.cat([v[n].reshape(-1) for n in names])
+    b1, b2 = info["betas"]
+    # LESS's Adam direction, written out: (b1 m + (1-b1) g) / (sqrt(b2 v + (1-b2) g^2) + eps)
+    pool_adam = (b1 * mf + (1 - b1) * pool_g) / (torch.sqrt(b2 * vf + (1 - b2) * pool_g ** 2) + info["eps"])
+    return pool_g.double().numpy(), pool_adam.double().numpy(), val_g.double().numpy()
+
+
+def test_adam_features_and_scores_match_written_out_computation(setup, tmp_path):
+    tok, model, moments, names = setup
+    enc = Encoder(tok, 16, 32, 160)
+    extract(model, enc, POOL, VAL, tmp_path, moments, "none", 0, 0, batch_size=4)
+    scores, groups, ids = load_group_scores(tmp_path)
+    assert ids == [r["id"] for r in POOL]
+    assert groups == ["math", "shapes/corners", "shapes/sides", MERGE]
+    _, pool_adam, val_g = _expected(model, tok, names, moments)
+    want = {"math": direct_scores(pool_adam, val_g[:2]), "shapes/corners": direct_scores(pool_adam, val_g[2:3]),
+            "shapes/sides": direct_scores(pool_adam, val_g[3:4]), MERGE: direct_scores(pool_adam, val_g)}
+    for j, g in enumerate(groups):
+        np.testing.assert_allclose(scores[:, j], want[g], rtol=1e-4, atol=1e-6)
+    # sub-tasks: the task score is the max over its sub-tasks
+    table = task_table(scores, groups, ["math", "shapes"])
+    np.testing.assert_allclose(table[:, 1], np.maximum(want["shapes/corners"], want["shapes/sides"]), rtol=1e-4, atol=1e-6)
+
+
+def test_sgd_features_use_plain_gradients(setup, tmp_path):
+    tok, model, moments, names = setup
+    extract(model, Encoder(tok, 16, 32, 160), POOL, VAL, tmp_path, None, "none", 0, 0, batch_size=3)
+    scores, groups, _ = load_group_scores(tmp_path)
+    pool_g, _, val_g = _expected(model, tok, names, moments)
+    np.testing.assert_allclose(scores[:, groups.index("math")], direct_scores(pool_g, val_g[:2]), rtol=1e-4, atol=1e-6)
+
+
+def test_projected_features_are_stored_and_scored_consistently(setup, tmp_path):
+    tok, model, moments, _ = setup
+    extract(model, Encoder(tok, 16, 32, 160), POOL, VAL, tmp_path, moments, "rademacher", 256, 7, batch_size=4)
+    scores, groups, _ = load_group_scores(tmp_path)
+    pool = np.load(tmp_path / "pool.npy")
+    val = np.load(tmp_path / "val.npy")
+    np.testing.assert_allclose(np.linalg.norm(pool, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(scores[:, groups.index("math")], direct_scores(pool, val[:2]), rtol=1e-4, atol=1e-6)
+
+
+def test_resume_gives_same_bytes(setup, tmp_path):
+    tok, model, moments, _ = setup
+    enc = Encoder(tok, 16, 32, 160)
+    extract(model, enc, POOL, VAL, tmp_path / "a", moments, "none", 0, 0, batch_size=2)
+    # an interrupted run: rows beyond the first half never written, mask says so
+    extract(model, enc, POOL, VAL, tmp_path / "b", moments, "none", 0, 0, batch_size=2)
+    scores = np.lib.format.open_memmap(tmp_path / "b" / "pool_scores.npy", mode="r+")
+    done = np.load(tmp_path / "b" / "pool_done.npy")
+    scores[3:] = 0.0
+    scores.flush()
+    done[3:] = False
+    np.save(tmp_path / "b" / "pool_done.npy", done)
+    with pytest.raises(ValueError, match="no features yet"):
+        load_group_scores(tmp_path / "b")
+    extract(model, enc, POOL, VAL, tmp_path / "b", moments, "none", 0, 0, batch_size=2)
+    assert (tmp_path / "a" / "pool_scores.npy").read_bytes() == (tmp_path / "b" / "pool_scores.npy").read_bytes()
+
+
+def test_rademacher_is_seeded_and_keeps_inner_products():
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(20, 5000)), dtype=torch.float32)
+    p1, p2 = Rademacher(5000, 2048, seed=3), Rademacher(5000, 2048, seed=3)
+    a, b = p1(x), p2(x)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, Rademacher(5000, 2048, seed=4)(x))
+    exact = (x @ x.T).numpy()
+    approx = (a @ a.T).numpy()
+    norms = np.linalg.norm(x.numpy(), axis=1)
+    err = np.abs(approx - exact) / np.outer(norms, norms)
+    # Johnson-Lindenstrauss: error of order 1/sqrt(dim) (0.022 here); 5 sigma bound
+    assert err.max() < 5 / np.sqrt(2048)
+
+
+def test_scores_equal_direct_n_by_v_computation():
+    rng = np.random.default_rng(0)
+    pool = rng.normal(size=(50, 30))
+    val = rng.normal(size=(7, 30))
+    normed = torch.tensor(val / np.linalg.norm(val, axis=1, keepdims=True), dtype=torch.float32)
+    means = group_means(normed, ["t"] * 7, ["t", MERGE]).double().numpy()
+    p = pool / np.linalg.norm(pool, axis=1, keepdims=True)
+    np.testing.assert_allclose(p @ means[0], direct_scores(pool, val), rtol=1e-5)
+
+
+def test_checkpoint_weights_are_normalised_learning_rates():
+    a, b = np.ones((3, 2)), np.zeros((3, 2))
+    np.testing.assert_allclose(combine_checkpoints([a, b], [3e-4, 1e-4]), 0.75 * np.ones((3, 2)))

@@ -87,3 +87,21 @@ def test_command_line_entry_point(tmp_path, smoke_base):
     bad = subprocess.run([*env_cmd, "selection.ratio=1.5"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == "config error: selection.ratio=1.5 must be in (0, 1]"
+
+
+def test_multirun_shares_features_across_jobs(tmp_path, smoke_base):
+    """`-m selection.ratio=0.1,0.2 consensus=vote,mean`: features once, a selection per job."""
+    cmd = [sys.executable, "-m", "icons.run", "-m", *TINY, f"model.path={smoke_base}", f"cache_dir={tmp_path / 'c'}",
+           "stages=[data,base,warmup,features,scores,select,subset]", "selectors=[icons]",
+           "selection.ratio=0.1,0.2", "consensus=vote,mean", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    assert len(list((sweep / "features").iterdir())) == 1  # computed once for four jobs
+    assert len(list((sweep / "warmup").iterdir())) == 1
+    sizes = {}
+    for job in range(4):
+        sel = next((sweep / str(job) / "selection").iterdir())
+        sizes[(job, sel.name)] = len(json.loads((sel / "ids.json").read_text()))
+    assert sorted(sizes.values()) == [24, 24, 48, 48]
+    assert {name for _, name in sizes} == {"icons", "mean"}

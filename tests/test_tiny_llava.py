@@ -106,3 +106,18 @@ def test_smoke_training_lowers_loss(tok, tmp_path):
     fit(model, ShuffledBatches(items, 8, 10, 0, tok.pad_token_id), OptimConfig(lr=3e-3, warmup_ratio=0.0))
     after = float(model(**collate(items, tok.pad_token_id)).loss)
     assert after < 0.5 * before
+
+
+def test_shipped_base_matches_the_default_config(compose_cfg):
+    """The default run must find the shipped base instead of pretraining one for ~1 hour."""
+    import json
+
+    from icons.models.base import ASSET
+    from icons.stages import base_recipe, resolve_base
+
+    cfg = compose_cfg()
+    assert json.loads((ASSET / "icons_base.json").read_text())["recipe"] == base_recipe(cfg)
+    assert resolve_base(cfg) == ASSET
+    model, tok = tiny_llava.load(ASSET)
+    assert model.config.text_config.num_hidden_layers == cfg.model.text_layers
+    assert tok.convert_tokens_to_ids("unanswerable") != tok.unk_token_id

@@ -286,6 +286,7 @@ LOGGER_KIND_CHOICES = ("wandb", "none")
 LOGGER_MODE_CHOICES = ("online", "offline", "disabled")
 SCHEDULER_CHOICES = ("cosine", "linear", "constant")
 TRAIN_MODE_CHOICES = ("full", "lora")
+LOSS_CHOICES = ("example_mean", "token_mean")
 WARMUP_CHECKPOINT_CHOICES = ("last", "all")
 GRADIENT_CHOICES = ("adam", "sgd")
 PROJECTION_CHOICES = ("none", "rademacher")
@@ -333,13 +334,16 @@ class LoraConfig:
 class PretrainConfig:
     """Stage-1 pretraining of the tiny base model (projector + LM on captions/text QA)."""
 
-    examples: int = 400000
+    examples: int = 320000
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
     text_qa_fraction: float = 0.5
+    #: example_mean: each example weighs the same; token_mean: long captions dominate
+    loss: str = "example_mean"
 
     def __post_init__(self) -> None:
+        _check_choice(self, "loss", LOSS_CHOICES)
         _positive(self, "examples", "batch_size", "lr")
         _non_negative(self, "seed")
         _check_range(self, "text_qa_fraction", 0.0, 1.0)
@@ -499,8 +503,12 @@ class TrainConfig:
     mode: str = "full"
     grad_clip: float = 1.0
     log_every: int = 50
+    #: example_mean: mean over each example's own answer tokens, then over the batch (every
+    #: example weighs the same); token_mean: HF's default (long answers dominate)
+    loss: str = "example_mean"
 
     def __post_init__(self) -> None:
+        _check_choice(self, "loss", LOSS_CHOICES)
         _positive(self, "epochs", "batch_size", "lr", "log_every")
         _non_negative(self, "weight_decay", "grad_clip")
         _check_range(self, "warmup_ratio", 0.0, 1.0, hi_open=True)

@@ -41,8 +41,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     import logging
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")

@@ -137,7 +137,7 @@ def base_recipe(cfg: DictConfig) -> dict:
             "seed": m.pretrain.seed, "text_qa_fraction": m.pretrain.text_qa_fraction,
             "image_size": m.image_size, "patch_size": m.patch_size, "vision_hidden": m.vision_hidden,
             "vision_layers": m.vision_layers, "text_hidden": m.text_hidden, "text_layers": m.text_layers,
-            "text_heads": m.text_heads, "max_length": m.max_length}
+            "text_heads": m.text_heads, "max_length": m.max_length, "loss": m.pretrain.loss}
 
 
 def resolve_base(cfg: DictConfig) -> Path:
@@ -205,10 +205,11 @@ def stage_warmup(run: Run) -> dict:
     try:
         ckpts = run_warmup(model, make_encoder(run, tok), [by_id[i] for i in ids], out, cfg.warmup.epochs,
                            cfg.warmup.batch_size, cfg.warmup.lr, cfg.seed, cfg.trainer)
-        tracking.log_metrics(wrun, {"warmup/examples": len(ids), "warmup/checkpoints": len(ckpts)})
+        write_json(out / "ids.json", ids)
+        tracking.log_summary(wrun, {"warmup/examples": len(ids), "warmup/checkpoints": len(ckpts)})
+        tracking.log_files(wrun, "warmup", "warmup", [out / "ids.json", *sorted(out.glob("checkpoint-*"))])
     finally:
         tracking.finish(wrun)
-    write_json(out / "ids.json", ids)
     m = finish(out, key, t0, examples=len(ids), checkpoints=ckpts)
     print(f"[icons] warmup: {len(ids)} examples, {len(ckpts)} checkpoints in {m['wall_s']:.0f}s", flush=True)
     return _record(run, "warmup", m, out)
@@ -249,7 +250,8 @@ def stage_features(run: Run) -> dict:
             print(f"[icons] features at {ckpt.name}: {meta['n_pool']} pool + {meta['n_val']} val, "
                   f"grad dim {meta['grad_dim']}, {meta['projection']['kind']} -> {meta['projection']['dim']} "
                   f"in {meta['wall_s']:.0f}s", flush=True)
-        tracking.log_metrics(frun, {"features/grad_dim": next(iter(metas.values()))["grad_dim"]})
+        tracking.log_summary(frun, {"features/grad_dim": next(iter(metas.values()))["grad_dim"]})
+        tracking.log_files(frun, "features", "features", sorted(out.glob("*/meta.json")) + sorted(out.glob("*/groups.json")))
     finally:
         tracking.finish(frun)
     return _record(run, "features", finish(out, key, t0, checkpoints=metas), out)
@@ -282,6 +284,11 @@ def stage_scores(run: Run) -> dict:
     write_json(out / "ids.json", ids)
     write_json(out / "tasks.json", tasks)
     write_json(out / "weights.json", dict(zip(fman["checkpoints"], (np.asarray(lrs) / sum(lrs)).tolist())))
+    srun = tracking.start_run(cfg, "scores", run.run_dir)
+    try:
+        tracking.log_files(srun, "scores", "scores", [out / "task_scores.npy", out / "ids.json", out / "tasks.json"])
+    finally:
+        tracking.finish(srun)
     return _record(run, "scores", finish(out, key, t0, n=len(ids), tasks=tasks), out)
 
 
@@ -341,6 +348,13 @@ def stage_select(run: Run) -> dict:
         np.save(out / "indices.npy", idx, allow_pickle=False)
         write_json(out / "ids.json", [ids[i] for i in idx])
         results[name] = finish(out, key, t0, selector=name, n=int(len(idx)), of=len(ids), **extra)
+        srun = tracking.start_run(cfg, f"select-{name}", run.run_dir)
+        try:
+            tracking.log_summary(srun, {"select/n": int(len(idx)), **{f"select/votes_{k}": n for k, n in
+                                                                       extra.get("selected_vote_histogram", {}).items()}})
+            tracking.log_files(srun, f"selection-{name}", "selection", sorted(out.glob("*.npy")) + [out / "ids.json"])
+        finally:
+            tracking.finish(srun)
     return results
 
 
@@ -364,6 +378,11 @@ def stage_subset(run: Run) -> dict:
         t0 = time.time()
         stats = write_subset(pool, read_json(out / "ids.json"), meta, sub)
         results[name] = finish(sub, sel_key, t0, **stats)
+        srun = tracking.start_run(run.cfg, f"subset-{name}", run.run_dir)
+        try:
+            tracking.log_files(srun, f"subset-{name}", "subset", sorted(sub.glob("*.json")))
+        finally:
+            tracking.finish(srun)
     return results
 
 
@@ -393,9 +412,9 @@ def train_model(run: Run, records: list[dict], out: Path, logger_run=None) -> di
     items = EncodedDataset(records, enc).items
     batches = ShuffledBatches(items, cfg.train.batch_size, cfg.train.epochs, cfg.seed, tok.pad_token_id)
     optim = OptimConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_ratio=cfg.train.warmup_ratio,
-                        scheduler=cfg.train.scheduler, grad_clip=cfg.train.grad_clip)
+                        scheduler=cfg.train.scheduler, grad_clip=cfg.train.grad_clip, loss=cfg.train.loss)
     torch.manual_seed(cfg.seed)
-    module = fit(model, batches, optim, cfg.trainer)
+    module = fit(model, batches, optim, cfg.trainer, label=f"train {out.name}")
     if cfg.train.mode == "lora":
         model = model.merge_and_unload()
     tiny_llava.save(model, tok, out / "model", cfg.model.image_size, cfg.model.patch_size)
@@ -425,7 +444,7 @@ def stage_train(run: Run) -> dict:
         trun = tracking.start_run(cfg, f"train-{name}", run.run_dir)
         try:
             info = train_model(run, [by_id[i] for i in ids], out, trun)
-            tracking.log_metrics(trun, {f"train/{k}": v for k, v in info.items()})
+            tracking.log_summary(trun, {f"train/{k}": v for k, v in info.items()})
         finally:
             tracking.finish(trun)
         results[name] = _record(run, f"train/{name}", finish(out, key, t0, selector=name, **info), out)
@@ -470,10 +489,11 @@ def stage_eval(run: Run) -> dict:
         erun = tracking.start_run(cfg, f"eval-{name}", run.run_dir)
         try:
             metrics = evaluate_model(run, model_dir)
-            tracking.log_metrics(erun, {f"eval/{t}": v["score"] for t, v in metrics.items()})
+            write_json(out / "metrics.json", metrics)
+            tracking.log_summary(erun, {f"eval/{t}": v["score"] for t, v in metrics.items()})
+            tracking.log_files(erun, f"eval-{name}", "eval", [out / "metrics.json"])
         finally:
             tracking.finish(erun)
-        write_json(out / "metrics.json", metrics)
         results[name] = _record(run, f"eval/{name}",
                                 finish(out, key, t0, scores={t: v["score"] for t, v in metrics.items()}), out)
         print(f"[icons] evaluated {name} in {results[name]['wall_s']:.0f}s: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ class OptimConfig:
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
     grad_clip: float = 1.0
+    #: example_mean: every example weighs the same (mean over its own answer tokens, then over the
+    #: batch); token_mean: HF's default, long answers dominate
+    loss: str = "example_mean"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -60,7 +64,14 @@ class LlavaModule(L.LightningModule):
         self.losses: list[float] = []
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
+        if self.optim.loss == "token_mean":
+            loss = self.model(**batch).loss
+        else:
+            from .features.grads import per_example_loss
+
+            labels = batch["labels"]
+            logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            loss = per_example_loss(logits, labels).mean()
         self.losses.append(float(loss.detach()))
         self.lrs.append(self.optimizers().param_groups[0]["lr"])
         self.log("train/loss", loss, prog_bar=False, on_step=True, batch_size=batch["input_ids"].shape[0])
@@ -113,6 +124,22 @@ class StreamedBatches(torch.utils.data.IterableDataset):
             yield collate(batch, self.encoder.tok.pad_token_id)
 
 
+class Progress(L.Callback):
+    """One line about every tenth of the run (long CPU runs should not be silent)."""
+
+    def __init__(self, label: str, total: int, every: int | None = None):
+        self.label, self.total = label, total
+        self.every = every or max(1, total // 10)
+        self.t0 = time.time()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = len(module.losses)
+        if step % self.every == 0 or step == self.total:
+            recent = module.losses[-self.every:]
+            print(f"[icons] {self.label}: step {step}/{self.total} loss {sum(recent) / len(recent):.3f} "
+                  f"({time.time() - self.t0:.0f}s)", flush=True)
+
+
 def make_trainer(trainer_cfg=None, max_steps: int = -1, logger=False, callbacks=None,
                  grad_clip: float = 0.0) -> L.Trainer:
     tc = trainer_cfg
@@ -126,11 +153,11 @@ def make_trainer(trainer_cfg=None, max_steps: int = -1, logger=False, callbacks=
 
 
 def fit(model, batches: torch.utils.data.IterableDataset, optim: OptimConfig, trainer_cfg=None,
-        logger=False) -> LlavaModule:
+        logger=False, label: str = "train") -> LlavaModule:
     """Train ``model`` in place on ``batches``; returns the module (losses and lrs per step)."""
     steps = len(batches)
     module = LlavaModule(model, optim, steps)
-    trainer = make_trainer(trainer_cfg, steps, logger, grad_clip=optim.grad_clip)
+    trainer = make_trainer(trainer_cfg, steps, logger, callbacks=[Progress(label, steps)], grad_clip=optim.grad_clip)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0)
     model.train()
     trainer.fit(module, loader)

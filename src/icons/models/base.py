@@ -23,10 +23,11 @@ from . import tiny_llava
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "tiny_llava_base"
 
 
-def pretrain_base(out_dir: str | Path, examples: int = 400_000, batch_size: int = 32, lr: float = 2e-3,
+def pretrain_base(out_dir: str | Path, examples: int = 320_000, batch_size: int = 32, lr: float = 2e-3,
                   seed: int = 0, text_qa_fraction: float = 0.5, image_size: int = 32, patch_size: int = 8,
                   vision_hidden: int = 96, vision_layers: int = 2, text_hidden: int = 160,
-                  text_layers: int = 4, text_heads: int = 4, max_length: int = 160, trainer_cfg=None) -> Path:
+                  text_layers: int = 4, text_heads: int = 4, max_length: int = 160, loss: str = "example_mean",
+                  trainer_cfg=None) -> Path:
     torch.set_flush_denormal(True)
     t0 = time.time()
     tokenizer = tiny_llava.build_tokenizer(tokenizer_corpus())
@@ -35,8 +36,8 @@ def pretrain_base(out_dir: str | Path, examples: int = 400_000, batch_size: int 
     enc = Encoder(tokenizer, tiny_llava.n_image_tokens(image_size, patch_size), image_size, max_length)
     steps = max(1, examples // batch_size)
     batches = StreamedBatches(base_stream(seed, text_qa_fraction), enc, batch_size, steps, render)
-    module = fit(model, batches, OptimConfig(lr=lr, warmup_ratio=0.02, scheduler="cosine", weight_decay=0.01),
-                 trainer_cfg)
+    module = fit(model, batches, OptimConfig(lr=lr, warmup_ratio=0.02, scheduler="cosine", weight_decay=0.01, loss=loss),
+                 trainer_cfg, label="stage-1 base")
     out = Path(out_dir)
     tiny_llava.save(model, tokenizer, out, image_size, patch_size)
     k = max(1, len(module.losses) // 20)
@@ -44,7 +45,7 @@ def pretrain_base(out_dir: str | Path, examples: int = 400_000, batch_size: int 
         "recipe": {"examples": examples, "batch_size": batch_size, "lr": lr, "seed": seed,
                    "text_qa_fraction": text_qa_fraction, "image_size": image_size, "patch_size": patch_size,
                    "vision_hidden": vision_hidden, "vision_layers": vision_layers, "text_hidden": text_hidden,
-                   "text_layers": text_layers, "text_heads": text_heads, "max_length": max_length},
+                   "text_layers": text_layers, "text_heads": text_heads, "max_length": max_length, "loss": loss},
         "loss_curve": [sum(module.losses[i:i + k]) / len(module.losses[i:i + k]) for i in range(0, len(module.losses), k)],
         "parameters": sum(p.numel() for p in model.parameters()),
         "wall_s": round(time.time() - t0, 1),
@@ -55,7 +56,7 @@ def pretrain_base(out_dir: str | Path, examples: int = 400_000, batch_size: int 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ASSET))
-    ap.add_argument("--examples", type=int, default=400_000)
+    ap.add_argument("--examples", type=int, default=320_000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)

@@ -111,7 +111,8 @@ def make_record(family: str, rng: random.Random, split: str = "train") -> dict |
         qa = ask(spec, "exist", rng)
         if qa is None:
             return None
-        turns = _turn(qa.question + SHORT, qa.answer, True, True)
+        suffix = SHORT if rng.random() < 0.7 else " Please answer yes or no ."
+        turns = _turn(qa.question + suffix, qa.answer, True, True)
     elif family == "mc":
         qa = _short(rng, spec, ["color", "shape", "count", "position"])
         opts = mc_options(qa, rng, rng.choice([2, 3, 4]))
@@ -124,7 +125,10 @@ def make_record(family: str, rng: random.Random, split: str = "train") -> dict |
         base = spec["base"]
         qa = _short(rng, base, ["color", "shape", "count"] if base["kind"] == "scene" else ["number", "sign_color"])
         answer = "unanswerable" if spec["level"] == "severe" else qa.answer
-        q = qa.question + " If the image is too poor to answer , say unanswerable ."
+        if rng.random() < 0.5:
+            q = qa.question + " If the image is too poor to answer , say unanswerable ."
+        else:
+            q = qa.question + " When the provided information is insufficient , respond with ' unanswerable ' ." + SHORT
         turns = _turn(q, answer, True, True)
     else:
         raise ValueError(f"unknown family {family!r}")

@@ -20,7 +20,7 @@ CONTEXT_TEMPLATE = "Context : {caption} Question : {question}"
 
 def _image_spec(rng: random.Random) -> dict:
     u = rng.random()
-    if u < 0.65:
+    if u < 0.55:
         return sample_scene(rng)
     if u < 0.9:
         return sample_sign(rng, "train")

@@ -1,0 +1,122 @@
+"""``python -m icons.bench.features``: gradient-feature cost, side by side in one process.
+
+(a) the reference way (LESS / released ICONS): batch size 1, autograd, flatten all LoRA
+    gradients, Adam-precondition, dense Rademacher projection;
+(b) icons' way: one batched forward/backward per batch, per-example gradients from hooks, the
+    same preconditioning and projection;
+(c) a plain batched LoRA training step (forward, backward, AdamW) on the same batches.
+Medians over repeats; ends with ``speedup_vs_reference=<x> cost_vs_train_step=<y>``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def _setup(n: int, seed: int = 0):
+    from omegaconf import OmegaConf
+
+    from ..data.encode import Encoder
+    from ..data.mini_llava.families import FAMILY_SHARES, make_record
+    from ..data.mini_llava.scenes import render
+    from ..models import tiny_llava
+    from ..models.base import ASSET
+    from ..models.lora import add_lora
+
+    if (ASSET / "config.json").exists():
+        model, tok = tiny_llava.load(ASSET)
+    else:
+        from ..data.mini_llava import tokenizer_corpus
+
+        tok = tiny_llava.build_tokenizer(tokenizer_corpus())
+        model = tiny_llava.build_model(tok)
+    torch.manual_seed(seed)
+    lora = OmegaConf.create({"r": 16, "alpha": 32, "dropout": 0.0,
+                             "target_modules": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"})
+    model = add_lora(model, lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    model.eval()
+    import random
+
+    rng = random.Random(seed)
+    fams, weights = list(FAMILY_SHARES), list(FAMILY_SHARES.values())
+    enc = Encoder(tok, 16, 32, 160)
+    items = []
+    while len(items) < n:
+        rec = make_record(rng.choices(fams, weights)[0], rng)
+        if rec is None:
+            continue
+        px = None if rec["_spec"] is None else tiny_llava.pixels_uint8(render(rec["_spec"]), 32)
+        items.append(enc.encode(rec, pixels=px))
+    return model, tok, items
+
+
+def main(argv=None) -> None:
+    from ..data.encode import collate
+    from ..features.grads import PerExampleGrads, reference_grads
+    from ..features.projection import Rademacher
+    from ..influence import adam_precondition, normalise_rows
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args(argv)
+    torch.set_flush_denormal(True)
+    model, tok, items = _setup(a.examples)
+    pad = tok.pad_token_id
+    batches = [collate(items[i:i + a.batch_size], pad) for i in range(0, len(items), a.batch_size)]
+    with PerExampleGrads(model) as pe:
+        dim_in = pe.dim
+    proj = Rademacher(dim_in, a.dim, seed=0)
+    m = torch.zeros(dim_in)
+    v = torch.full((dim_in,), 1e-8)
+
+    def reference():
+        for b in batches:
+            g = reference_grads(model, b)  # one example at a time, autograd, flattened
+            dense = torch.randint(0, 2, (dim_in, a.dim), generator=torch.Generator().manual_seed(0),
+                                  dtype=torch.int8).float() * 2 - 1  # materialised each pass, as released
+            normalise_rows(adam_precondition(g, m, v, 0.9, 0.999, 1e-8) @ dense / a.dim ** 0.5)
+
+    def ours():
+        with PerExampleGrads(model) as pe2:
+            for b in batches:
+                g, _ = pe2(b)
+                normalise_rows(proj(adam_precondition(g, m, v, 0.9, 0.999, 1e-8)))
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def train_step():
+        model.train()
+        for b in batches:
+            loss = model(**b).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+
+    ours()  # warm caches (the projection's int8 blocks, allocator)
+    times = {"reference": [], "icons": [], "train_step": []}
+    for _ in range(a.repeats):
+        for name, fn in (("reference", reference), ("icons", ours), ("train_step", train_step)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    per_ex = {k: 1000 * v / a.examples for k, v in med.items()}
+    print(f"examples={a.examples} batch={a.batch_size} grad_dim={dim_in} proj_dim={a.dim} threads={torch.get_num_threads()}")
+    for k in times:
+        print(f"  {k:<11} median {med[k]:.3f}s  ({per_ex[k]:.2f} ms/example)  runs={[round(x, 3) for x in times[k]]}")
+    print(f"speedup_vs_reference={med['reference'] / med['icons']:.2f} cost_vs_train_step={med['icons'] / med['train_step']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,8 @@ def test_default_composes_and_validates(compose_cfg):
     assert obj.tasks.names[0] == "vqav2" and len(obj.tasks.names) == 10
     assert obj.trainer.accelerator == "cpu"
     assert obj.logger.kind == "wandb"
-    assert obj.stages == ["data", "base", "warmup", "features", "scores", "select", "subset", "train", "eval", "report"]
+    assert obj.stages == ["check", "data", "base", "warmup", "features", "scores", "select", "subset", "train",
+                          "eval", "report"]
     assert obj.selectors == ["full", "random", "icons"]
     assert (obj.gradient.kind, obj.projection.kind, obj.consensus.method) == ("adam", "none", "vote")
     assert obj.selection.ratio == pytest.approx(0.2)
@@ -114,7 +115,7 @@ OUT_OF_RANGE = [
     ("model", "model.patch_size", "0", "config error: model.patch_size=0 must be > 0"),
     ("model", "model.lora.dropout", "1.0", "config error: model.lora.dropout=1.0 must be in [0, 1)"),
     ("model", "model.image_size", "30", "config error: model.image_size=30 must be a multiple of model.patch_size=8"),
-    ("model", "model.kind", "gpt", "config error: model.kind=gpt must be one of tiny_llava, hf_llava"),
+    ("model", "model.kind", "gpt", "config error: model.kind=gpt must be one of tiny_llava, hf_llava, llava_1_5"),
     ("data", "data.pool_size", "0", "config error: data.pool_size=0 must be > 0"),
     ("data", "data.p_garbage", "0.9", None),
     ("data", "data.on_bad_record", "ignore", "config error: data.on_bad_record=ignore must be one of error, skip"),

@@ -4,6 +4,10 @@
     python -m icons.run +experiment=llava_20pct          # a composed study
     python -m icons.run -m selection.ratio=0.1,0.2 consensus=vote,mean   # a sweep
     python -m icons.run stages=[data,base] run_dir=outputs/mine          # some stages, fixed dir
+    python -m icons.run stages=[check] data=llava_json data.path=pool.jsonl   # validate your data
+
+Exit status: 2 bad config, 1 bad input data (one line naming file, record, id, field), 3 the run
+directory is in use by another run.
 """
 from __future__ import annotations
 
@@ -48,11 +52,19 @@ def main(cfg: DictConfig) -> None:
 
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from .stages import run_stages
+    from .data.llava_json import BadInputError
+    from .stages import RunDirLocked, run_stages
 
     run_dir, study_dir = directories(cfg)
     print(f"[icons] run directory: {run_dir}", flush=True)
-    run_stages(cfg, run_dir, study_dir)
+    try:
+        run_stages(cfg, run_dir, study_dir)
+    except BadInputError as err:  # one line: file, record position, id, field, what is wrong
+        print(f"[icons] {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except RunDirLocked as err:
+        print(f"[icons] {err}", file=sys.stderr, flush=True)
+        sys.exit(3)
     report = run_dir / "report.md"
     if report.exists():
         print(report.read_text())

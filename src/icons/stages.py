@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import tracking
 from .data.encode import Encoder, EncodedDataset
+from .data.mini_llava.pretraining import STREAM_VERSION
 from .io import config_hash, read_json, read_jsonl, write_json
 from .train import OptimConfig, ShuffledBatches, fit, set_trainable
 
@@ -37,6 +39,46 @@ class Run:
 
     def shared(self, stage: str, name: str, key: str) -> Path:
         return self.study_dir / stage / f"{name}-{key}"
+
+
+# ---------------------------------------------------------------- one run per run directory
+LOCK_NAME = ".icons.lock"
+
+
+class RunDirLocked(RuntimeError):
+    """Another icons run holds the run directory. ``str(err)`` is one line."""
+
+
+@contextmanager
+def lock_run_dir(run_dir: Path):
+    """Hold an exclusive ``fcntl.flock`` on ``<run_dir>/.icons.lock`` for the whole run.
+
+    A second run pointed at the same directory stops at once with :class:`RunDirLocked`. The
+    kernel drops the lock when its holder exits, however it exits, so a killed run leaves a lock
+    file but never a stale lock (the file is kept; only the lock on it counts)."""
+    import fcntl
+    import os
+    import socket
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: held by another process (or another open of this file)
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "a process that has not said who it is"
+        os.close(fd)
+        raise RunDirLocked(f"run directory {run_dir} is in use by another icons run ({holder}; lock {path}); "
+                           f"wait for it to finish or choose another run_dir") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield path
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- manifests
@@ -87,23 +129,40 @@ class DataPaths:
     test: dict[str, Path]
 
 
-def stage_data(run: Run) -> dict:
-    """Materialise the pool and the task files (the benchmark is cached); record where they are."""
+def mini_llava_benchmark(cfg: DictConfig):
+    """The generated mini-LLaVA benchmark of this config (its pool and/or its target tasks),
+    built once into the cache."""
     from .data.mini_llava import BenchmarkSpec, build
 
-    cfg = run.cfg
-    out = run.run_dir / "data"
-    key = config_hash(section(cfg, "data", "tasks"))
-    if m := finished(out, key):
-        return _record(run, "data", m, out)
-    t0 = time.time()
-    if cfg.data.kind != "mini_llava":
-        raise ValueError(f"data.kind={cfg.data.kind!r} is not supported by this stage yet")
     spec = BenchmarkSpec(pool_size=cfg.data.pool_size, n_val=cfg.tasks.n_val, n_test=cfg.tasks.n_test,
                          seed=cfg.data.seed, p_duplicate=cfg.data.p_duplicate,
                          p_label_noise=cfg.data.p_label_noise, p_garbage=cfg.data.p_garbage,
                          tasks=tuple(cfg.tasks.names))
-    bench = build(spec, Path(cfg.cache_dir))
+    return build(spec, Path(cfg.cache_dir))
+
+
+def stage_data(run: Run) -> dict:
+    """Materialise the pool and the task files (the benchmark is cached); record where they are.
+
+    ``data.kind=llava_json``: the user's file is validated record by record (``check.py``) and its
+    good records are written to ``data/pool.json`` with their ids as given; with
+    ``data.on_bad_record=skip`` the bad ones go to ``data/bad_records.jsonl`` (file, position, id,
+    field, kind, message)."""
+    cfg = run.cfg
+    out = run.run_dir / "data"
+    key = config_hash(section(cfg, "data", "tasks"))
+    if cfg.data.kind == "llava_json":
+        from .check import llava_json_key, prepare_llava_json
+
+        key = config_hash({"config": key, **llava_json_key(cfg)})
+    if m := finished(out, key):
+        return _record(run, "data", m, out)
+    t0 = time.time()
+    if cfg.data.kind == "llava_json":
+        return _record(run, "data", finish(out, key, t0, **prepare_llava_json(cfg, out)), out)
+    if cfg.data.kind != "mini_llava":
+        raise ValueError(f"data.kind={cfg.data.kind!r} is not supported by this stage yet")
+    bench = mini_llava_benchmark(cfg)
     m = finish(out, key, t0, pool=str(bench.pool_path), image_root=str(bench.image_root),
                meta=str(bench.meta_path),
                val={t: str(bench.task_path(t, "val")) for t in cfg.tasks.names},
@@ -137,14 +196,20 @@ def base_recipe(cfg: DictConfig) -> dict:
             "seed": m.pretrain.seed, "text_qa_fraction": m.pretrain.text_qa_fraction,
             "image_size": m.image_size, "patch_size": m.patch_size, "vision_hidden": m.vision_hidden,
             "vision_layers": m.vision_layers, "text_hidden": m.text_hidden, "text_layers": m.text_layers,
-            "text_heads": m.text_heads, "max_length": m.max_length, "loss": m.pretrain.loss}
+            "text_heads": m.text_heads, "max_length": m.max_length, "loss": m.pretrain.loss,
+            "stream": STREAM_VERSION}
 
 
 def resolve_base(cfg: DictConfig) -> Path:
     """The base checkpoint: ``model.path`` if given; else the shipped tiny base when its recipe
-    matches the config; else one pretrained into the cache (once per recipe)."""
+    matches the config; else one pretrained into the cache (once per recipe). ``kind=llava_1_5``:
+    the LLM directory, after checking the three parts exist (``load_base`` assembles them)."""
     from .models.base import ASSET, pretrain_base
 
+    if cfg.model.kind == "llava_1_5":
+        from .models.llava15 import check_parts
+
+        return check_parts(cfg.model.llm_path, cfg.model.vision_path, cfg.model.projector_path)
     if cfg.model.path:
         return Path(cfg.model.path)
     recipe = base_recipe(cfg)
@@ -172,13 +237,22 @@ def stage_base(run: Run) -> dict:
 def load_base(run: Run):
     from .models import tiny_llava
 
-    return tiny_llava.load(read_json(run.run_dir / "base" / "manifest.json")["path"])
+    path = read_json(run.run_dir / "base" / "manifest.json")["path"]
+    if run.cfg.model.get("template", "tiny") == "vicuna_v1":  # LLaVA-1.5: assembled from its parts, or an HF checkpoint
+        from .models import llava15
+
+        return llava15.load_base(run.cfg.model)
+    return tiny_llava.load(path)
 
 
 def make_encoder(run: Run, tokenizer) -> Encoder:
     from .models.tiny_llava import n_image_tokens
 
     m = run.cfg.model
+    if m.get("template", "tiny") == "vicuna_v1":
+        from .models import llava15
+
+        return llava15.make_encoder(m, tokenizer, data_paths(run).image_root)
     return Encoder(tokenizer, n_image_tokens(m.image_size, m.patch_size), m.image_size, m.max_length,
                    data_paths(run).image_root)
 
@@ -259,7 +333,7 @@ def stage_features(run: Run) -> dict:
 
 # ---------------------------------------------------------------- ICONS step 3: specialist scores
 def stage_scores(run: Run) -> dict:
-    from .features.extract import load_group_scores
+    from .features.extract import check_feature_dirs, load_group_scores
     from .influence import MERGE, combine_checkpoints, task_table
 
     cfg = run.cfg
@@ -271,6 +345,7 @@ def stage_scores(run: Run) -> dict:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     fman = read_json(fdir / "manifest.json")
+    check_feature_dirs([fdir / name for name in fman["checkpoints"]])  # one projection for pool, val, checkpoints
     per_ckpt, lrs = [], []
     for name, meta in fman["checkpoints"].items():
         s, groups, ids = load_group_scores(fdir / name)
@@ -308,6 +383,31 @@ def selector_names(cfg: DictConfig) -> list[str]:
     return [icons_name(cfg) if s == "icons" else s for s in cfg.selectors]
 
 
+def selection_from_run(run: Run, src_run: Path, name: str, out: Path) -> dict:
+    """Selection ``name`` of another finished run over the same pool (``selection.from_run``):
+    the subset one model chose, to train another (the paper's 7B -> 13B transfer)."""
+    src = src_run / "selection" / name
+    if not (src / "manifest.json").exists():
+        raise FileNotFoundError(f"selection.from_run={src_run}: no finished selection {name!r} ({src}/manifest.json)")
+    source = read_json(src / "manifest.json")
+    key = config_hash({"from_run": str(src_run.resolve()), "source_key": source["key"], "data": key_of(run, "data")})
+    if m := finished(out, key):
+        return m
+    t0 = time.time()
+    ids = read_json(src / "ids.json")
+    pool_ids = [r["id"] for r in load_pool(run)]
+    pos = {i: k for k, i in enumerate(pool_ids)}
+    missing = [i for i in ids if i not in pos]
+    if missing or source.get("of") != len(pool_ids):
+        raise ValueError(f"selection.from_run={src_run}: its {name!r} selection is over another pool "
+                         f"({len(missing)} of its ids are not in this pool; pool sizes {source.get('of')} and "
+                         f"{len(pool_ids)})")
+    np.save(out / "indices.npy", np.asarray([pos[i] for i in ids], dtype=np.int64), allow_pickle=False)
+    write_json(out / "ids.json", ids)
+    return finish(out, key, t0, selector=name, n=len(ids), of=len(pool_ids), from_run=str(src_run.resolve()),
+                  source_key=source["key"])
+
+
 def stage_select(run: Run) -> dict:
     from . import consensus
 
@@ -319,6 +419,9 @@ def stage_select(run: Run) -> dict:
         name = icons_name(cfg) if sel == "icons" else sel
         out = run.run_dir / "selection" / name
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.selection.get("from_run"):
+            results[name] = selection_from_run(run, Path(cfg.selection.from_run), name, out)
+            continue
         t0 = time.time()
         if sel == "random":
             ids = [r["id"] for r in load_pool(run)]
@@ -330,6 +433,9 @@ def stage_select(run: Run) -> dict:
             idx = np.sort(np.asarray(random.Random(cfg.selection.seed).sample(range(len(ids)), k), dtype=np.int64))
             extra = {}
         elif sel == "icons":
+            if "scores" not in read_json(run.run_dir / "stages.json"):
+                raise FileNotFoundError(f"no task scores in {run.run_dir} for the icons selection: run the scores "
+                                        f"stage, or set selection.from_run to reuse another run's selections")
             table, merge, ids, tasks = load_scores(run)
             key = config_hash({"scores": key_of(run, "scores"), "sel": section(cfg, "selection", "consensus")})
             if m := finished(out, key):
@@ -511,7 +617,15 @@ def stage_report(run: Run) -> dict:
     return {"report": str(path), "wall_s": round(time.time() - t0, 2)}
 
 
-STAGES = {"data": stage_data, "base": stage_base, "warmup": stage_warmup, "features": stage_features,
+def stage_check(run: Run) -> dict:
+    """Validate the pool and every task file before any model work (``check.py``)."""
+    from .check import run_check
+
+    return run_check(run)
+
+
+STAGES = {"check": stage_check, "data": stage_data, "base": stage_base, "warmup": stage_warmup,
+          "features": stage_features,
           "scores": stage_scores, "select": stage_select, "subset": stage_subset, "train": stage_train,
           "eval": stage_eval, "report": stage_report}
 
@@ -523,13 +637,14 @@ def run_stages(cfg: DictConfig, run_dir: Path, study_dir: Path | None = None) ->
     run = Run(cfg, Path(run_dir), Path(study_dir or run_dir))
     run.run_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name in cfg.stages:
-        if name not in STAGES:
-            raise ValueError(f"stage {name!r} is not implemented; available: {sorted(STAGES)}")
-        t0 = time.time()
-        results[name] = STAGES[name](run)
-        timing_path = run.run_dir / "timings.json"
-        timing = read_json(timing_path) if timing_path.exists() else {}
-        timing[name] = round(time.time() - t0, 2)
-        write_json(timing_path, timing)
+    with lock_run_dir(run.run_dir):
+        for name in cfg.stages:
+            if name not in STAGES:
+                raise ValueError(f"stage {name!r} is not implemented; available: {sorted(STAGES)}")
+            t0 = time.time()
+            results[name] = STAGES[name](run)
+            timing_path = run.run_dir / "timings.json"
+            timing = read_json(timing_path) if timing_path.exists() else {}
+            timing[name] = round(time.time() - t0, 2)
+            write_json(timing_path, timing)
     return results

@@ -3,7 +3,7 @@
 (a) the reference way (LESS / released ICONS): batch size 1, autograd, flatten all LoRA
     gradients, Adam-precondition, dense Rademacher projection;
 (b) icons' way: one batched forward/backward per batch, per-example gradients from hooks, the
-    same preconditioning and projection;
+    same preconditioning and projection (``--projection kronecker``: the structured one instead);
 (c) a plain batched LoRA training step (forward, backward, AdamW) on the same batches.
 Medians over repeats; ends with ``speedup_vs_reference=<x> cost_vs_train_step=<y>``.
 """
@@ -60,7 +60,7 @@ def _setup(n: int, seed: int = 0):
 def main(argv=None) -> None:
     from ..data.encode import collate
     from ..features.grads import PerExampleGrads, reference_grads
-    from ..features.projection import Rademacher
+    from ..features.projection import make_projection
     from ..influence import adam_precondition, normalise_rows
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -68,6 +68,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--projection", default="rademacher", choices=["rademacher", "kronecker"],
+                    help="icons' projection (the reference always uses the dense one)")
     a = ap.parse_args(argv)
     torch.set_flush_denormal(True)
     model, tok, items = _setup(a.examples)
@@ -75,7 +77,8 @@ def main(argv=None) -> None:
     batches = [collate(items[i:i + a.batch_size], pad) for i in range(0, len(items), a.batch_size)]
     with PerExampleGrads(model) as pe:
         dim_in = pe.dim
-    proj = Rademacher(dim_in, a.dim, seed=0)
+        layout = [(n, tuple(p.shape)) for n, p in pe.params]
+    proj = make_projection(a.projection, dim_in, a.dim, 0, layout=layout)
     m = torch.zeros(dim_in)
     v = torch.full((dim_in,), 1e-8)
 
@@ -112,7 +115,8 @@ def main(argv=None) -> None:
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     per_ex = {k: 1000 * v / a.examples for k, v in med.items()}
-    print(f"examples={a.examples} batch={a.batch_size} grad_dim={dim_in} proj_dim={a.dim} threads={torch.get_num_threads()}")
+    print(f"examples={a.examples} batch={a.batch_size} grad_dim={dim_in} proj_dim={a.dim} projection={a.projection} "
+          f"threads={torch.get_num_threads()}")
     for k in times:
         print(f"  {k:<11} median {med[k]:.3f}s  ({per_ex[k]:.2f} ms/example)  runs={[round(x, 3) for x in times[k]]}")
     print(f"speedup_vs_reference={med['reference'] / med['icons']:.2f} cost_vs_train_step={med['icons'] / med['train_step']:.2f}")

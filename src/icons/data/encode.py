@@ -23,7 +23,7 @@ IGNORE = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    pixels: np.ndarray | None  # HWC uint8, None for text-only records
+    pixels: np.ndarray | None  # HWC uint8 (tiny model) or float32 CHW normalised (LLaVA-1.5); None: text-only
     truncated: bool = False
 
 
@@ -65,6 +65,17 @@ class Encoder:
             path = self.image_root / path
         with Image.open(path) as im:
             return pixels_uint8(im, self.image_size)
+
+    def length(self, record: dict) -> int:
+        """Token count of the whole conversation (before truncation), without decoding the image:
+        what length-bucketed batch plans need."""
+        n = 1
+        for t in record["conversations"]:
+            if t["from"] == "human":
+                n += len(self._human(t["value"]))
+            else:
+                n += len(self.text_ids(t["value"])) + 1
+        return n
 
     def encode(self, record: dict, with_answer: bool = True, pixels: np.ndarray | None = None) -> Encoded:
         """Whole conversation (training) or, with ``with_answer=False``, the prompt up to the
@@ -110,7 +121,10 @@ def collate(batch: list[Encoded], pad_id: int, left_pad: bool = False) -> dict[s
         mask[i, sl] = 1
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     pix = [e.pixels for e in batch if e.pixels is not None]
-    if pix:
+    if pix and pix[0].dtype != np.uint8:
+        # float (3, H, W): already the model's input (LLaVA-1.5's preprocessing, models/llava15.py)
+        out["pixel_values"] = torch.from_numpy(np.stack(pix))
+    elif pix:
         from ..models.tiny_llava import normalise
 
         out["pixel_values"] = normalise(torch.from_numpy(np.stack(pix)))

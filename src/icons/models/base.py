@@ -14,7 +14,7 @@ import torch
 
 from ..data.encode import Encoder
 from ..data.mini_llava import tokenizer_corpus
-from ..data.mini_llava.pretraining import base_stream
+from ..data.mini_llava.pretraining import STREAM_VERSION, base_stream
 from ..data.mini_llava.scenes import render
 from ..io import write_json
 from ..train import OptimConfig, StreamedBatches, fit
@@ -23,11 +23,13 @@ from . import tiny_llava
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "tiny_llava_base"
 
 
-def pretrain_base(out_dir: str | Path, examples: int = 320_000, batch_size: int = 32, lr: float = 2e-3,
+def pretrain_base(out_dir: str | Path, examples: int = 288_000, batch_size: int = 32, lr: float = 2e-3,
                   seed: int = 0, text_qa_fraction: float = 0.5, image_size: int = 32, patch_size: int = 8,
                   vision_hidden: int = 96, vision_layers: int = 2, text_hidden: int = 160,
-                  text_layers: int = 4, text_heads: int = 4, max_length: int = 160, loss: str = "example_mean",
-                  trainer_cfg=None) -> Path:
+                  text_layers: int = 4, text_heads: int = 4, max_length: int = 160, loss: str = "token_mean",
+                  stream: int = STREAM_VERSION, trainer_cfg=None) -> Path:
+    if stream != STREAM_VERSION:
+        raise ValueError(f"base recipe asks for stream version {stream}; this code generates version {STREAM_VERSION}")
     torch.set_flush_denormal(True)
     t0 = time.time()
     tokenizer = tiny_llava.build_tokenizer(tokenizer_corpus())
@@ -45,7 +47,8 @@ def pretrain_base(out_dir: str | Path, examples: int = 320_000, batch_size: int 
         "recipe": {"examples": examples, "batch_size": batch_size, "lr": lr, "seed": seed,
                    "text_qa_fraction": text_qa_fraction, "image_size": image_size, "patch_size": patch_size,
                    "vision_hidden": vision_hidden, "vision_layers": vision_layers, "text_hidden": text_hidden,
-                   "text_layers": text_layers, "text_heads": text_heads, "max_length": max_length, "loss": loss},
+                   "text_layers": text_layers, "text_heads": text_heads, "max_length": max_length, "loss": loss,
+                   "stream": stream},
         "loss_curve": [sum(module.losses[i:i + k]) / len(module.losses[i:i + k]) for i in range(0, len(module.losses), k)],
         "parameters": sum(p.numel() for p in model.parameters()),
         "wall_s": round(time.time() - t0, 1),
@@ -56,7 +59,7 @@ def pretrain_base(out_dir: str | Path, examples: int = 320_000, batch_size: int 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ASSET))
-    ap.add_argument("--examples", type=int, default=320_000)
+    ap.add_argument("--examples", type=int, default=288_000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)

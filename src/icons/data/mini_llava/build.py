@@ -134,7 +134,9 @@ def tokenizer_corpus(seed: int = 0, per_family: int = 400, per_task: int = 200) 
                 texts += [str(o) for o in r.get("options", [])]
     for _ in range(500):
         texts += list(text_only_qa(rng))
-    from .pretraining import CONTEXT_TEMPLATE, DESCRIBE_PROMPTS
-    texts += [CONTEXT_TEMPLATE.format(caption="", question="")] + list(DESCRIBE_PROMPTS)
+    from .pretraining import CHOICE_TEMPLATE, CONTEXT_TEMPLATE, COPY_TEMPLATE, COPY_WORDS, DESCRIBE_PROMPTS
+
+    texts += [CONTEXT_TEMPLATE.format(caption="", question=""), CHOICE_TEMPLATE.format(caption="", question="", candidates="A = B ;"),
+              COPY_TEMPLATE.format(words=" ".join(COPY_WORDS))] + list(DESCRIBE_PROMPTS)
     texts += [" ".join(str(d) for d in range(10)), "banana seven maybe hello the sign left blue object"]
     return texts

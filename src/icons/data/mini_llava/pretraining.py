@@ -1,10 +1,15 @@
 """The stage-1 data of the tiny base: what Vicuna + LLaVA's stage-1 projector bring to a 7B run.
 
 A stream of (a) brief-description prompts answered by the image's caption (visual alignment, like
-LCS-558K), (b) text-only "Context : <caption> Question : <q>" answered with the short answer, so
-the language model learns to answer questions about described scenes before it ever sees the
-target tasks' formats, and (c) text-only trivia (arithmetic, shape and colour facts). Digits come
-from the pool's half of the digit images only.
+LCS-558K) and, text-only, what a pretrained LLM brings: (b) "Context : <caption> Question : <q>"
+chats with several questions about one described scene, so the language model learns to look
+facts up in its context before it ever sees the target tasks' formats; (c) choosing among lettered
+candidates in a format of its own (not any target task's); (d) repeating a word sequence; (e)
+trivia (arithmetic, shape and colour facts). Digits come from the pool's half of the digit images.
+
+Why (d): a 4-layer LM given only (b) stays near "pick any colour mentioned" for 300k examples; the
+copy task makes it form induction (look-up) heads within about a thousand steps, and lettered
+choices need exactly that look-up (measured while designing stream version 3).
 """
 from __future__ import annotations
 
@@ -12,10 +17,18 @@ import random
 from collections.abc import Iterator
 
 from .language import ask, caption, skills_for, text_only_qa
-from .scenes import sample_degraded, sample_scene, sample_sign
+from .scenes import COLORS, SHAPES, sample_degraded, sample_scene, sample_sign
 
+#: bump when the stream changes: the base recipe (and so the cached base's key) includes it
+STREAM_VERSION = 3
 DESCRIBE_PROMPTS = ("Describe the image briefly .", "What is in the image ?", "Give a brief description of the image .")
 CONTEXT_TEMPLATE = "Context : {caption} Question : {question}"
+CHOICE_TEMPLATE = "Context : {caption} Question : {question} Candidates : {candidates} . Give the letter ."
+COPY_TEMPLATE = "Repeat the words : {words}"
+COPY_WORDS = list(COLORS) + SHAPES + ["top", "bottom", "left", "right", "small", "large", "sign", "number",
+                                      "object", "yes", "no"] + [str(d) for d in range(10)]
+# Shares of the text-only part of the stream.
+TEXT_MIX = {"context_qa": 0.6, "choice": 0.16, "copy": 0.14, "trivia": 0.10}
 
 
 def _image_spec(rng: random.Random) -> dict:
@@ -27,19 +40,46 @@ def _image_spec(rng: random.Random) -> dict:
     return sample_degraded(rng, "train", severe=rng.random() < 0.4)
 
 
+def _any_qa(rng: random.Random, spec: dict):
+    qa = None
+    while qa is None:
+        qa = ask(spec, rng.choice(skills_for(spec)), rng)
+    return qa
+
+
+def _text(q: str, a: str) -> list[dict]:
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+def text_example(rng: random.Random) -> list[dict]:
+    """One text-only stage-1 conversation (the 'pretrained LLM' part of the stream)."""
+    kind = rng.choices(list(TEXT_MIX), list(TEXT_MIX.values()))[0]
+    if kind == "trivia":
+        return _text(*text_only_qa(rng))
+    if kind == "copy":
+        words = " ".join(rng.choice(COPY_WORDS) for _ in range(rng.randint(3, 12)))
+        return _text(COPY_TEMPLATE.format(words=words), words)
+    spec = sample_scene(rng) if rng.random() < 0.75 else sample_sign(rng, "train")
+    if kind == "choice":
+        qa = _any_qa(rng, spec)
+        others = [c for c in qa.candidates if c != qa.answer]
+        opts = rng.sample(others, min(len(others), rng.randint(1, 3))) + [qa.answer]
+        rng.shuffle(opts)
+        cands = " ; ".join(f"{'ABCD'[i]} = {o}" for i, o in enumerate(opts))
+        return _text(CHOICE_TEMPLATE.format(caption=caption(spec), question=qa.question, candidates=cands),
+                     "ABCD"[opts.index(qa.answer)])
+    turns = []
+    for k in range(rng.randint(1, 4)):  # several questions about one described scene
+        qa = _any_qa(rng, spec)
+        q = CONTEXT_TEMPLATE.format(caption=caption(spec), question=qa.question) if k == 0 else f"Question : {qa.question}"
+        turns += _text(q, qa.answer)
+    return turns
+
+
 def base_example(rng: random.Random, text_qa_fraction: float) -> dict:
     """One stage-1 example as a LLaVA record with an image spec in '_spec' (None if text-only)."""
-    u = rng.random()
-    if u < text_qa_fraction * 0.85:
-        spec = sample_scene(rng) if rng.random() < 0.7 else sample_sign(rng, "train")
-        qa = None
-        while qa is None:
-            qa = ask(spec, rng.choice(skills_for(spec)), rng)
-        q = CONTEXT_TEMPLATE.format(caption=caption(spec), question=qa.question)
-        return {"_spec": None, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": qa.answer}]}
-    if u < text_qa_fraction:
-        q, a = text_only_qa(rng)
-        return {"_spec": None, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+    if rng.random() < text_qa_fraction:
+        return {"_spec": None, "conversations": text_example(rng)}
     spec = _image_spec(rng)
     return {"_spec": spec, "conversations": [
         {"from": "human", "value": "<image>\n" + rng.choice(DESCRIBE_PROMPTS)},

@@ -147,3 +147,66 @@ def test_scores_equal_direct_n_by_v_computation():
 def test_checkpoint_weights_are_normalised_learning_rates():
     a, b = np.ones((3, 2)), np.zeros((3, 2))
     np.testing.assert_allclose(combine_checkpoints([a, b], [3e-4, 1e-4]), 0.75 * np.ones((3, 2)))
+
+
+def _whole_model_reference(model, tok, moments, projection, dim, seed, batch_size):
+    """The whole-model path, written out: the (B, D) gradient, Adam on the flat vector with the
+    concatenated moments, the projection of the concatenation, then normalise and score."""
+    from icons.features.extract import batch_plan
+    from icons.features.grads import PerExampleGrads
+    from icons.features.projection import make_projection
+    from icons.influence import adam_precondition, group_of, normalise_rows
+
+    enc = Encoder(tok, 16, 32, 160)
+    with PerExampleGrads(model) as pe:
+        proj = make_projection(projection, pe.dim, dim, seed, layout=[(n, tuple(p.shape)) for n, p in pe.params])
+        groups = sorted({group_of(r) for r in VAL}) + [MERGE]
+        v_items = [enc.encode(r) for r in VAL]
+        v = torch.zeros(len(VAL), proj.dim)
+        for idx in batch_plan([len(e.input_ids) for e in v_items], batch_size):
+            g, _ = pe(collate([v_items[i] for i in idx], tok.pad_token_id))
+            v[idx] = normalise_rows(proj(g))
+        means = group_means(v, [group_of(r) for r in VAL], groups)
+        p_items = [enc.encode(r) for r in POOL]
+        feats = torch.zeros(len(POOL), proj.dim)
+        for idx in batch_plan([len(e.input_ids) for e in p_items], batch_size):
+            g, _ = pe(collate([p_items[i] for i in idx], tok.pad_token_id))
+            if moments is not None:
+                m, vv, info = moments
+                mf = torch.cat([m[n].reshape(-1) for n in pe.names])
+                vf = torch.cat([vv[n].reshape(-1) for n in pe.names])
+                g = adam_precondition(g, mf, vf, *info["betas"], info["eps"])
+            feats[idx] = normalise_rows(proj(g))
+    return means.numpy(), v.numpy(), (feats @ means.T).numpy(), feats.numpy()
+
+
+@pytest.mark.parametrize("projection", ["none", "rademacher", "kronecker"])
+@pytest.mark.parametrize("gradient", ["adam", "sgd"])
+def test_streamed_per_matrix_extraction_equals_whole_model_path(setup, tmp_path, projection, gradient):
+    tok, model, moments, _ = setup
+    mom = moments if gradient == "adam" else None
+    extract(model, Encoder(tok, 16, 32, 160), POOL, VAL, tmp_path, mom, projection, 128, 5, batch_size=4)
+    means, val, scores, feats = _whole_model_reference(model, tok, mom, projection, 128, 5, batch_size=4)
+    got, _, _ = load_group_scores(tmp_path)
+    np.testing.assert_allclose(got, scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "val_means.npy"), means, rtol=1e-5, atol=1e-7)
+    if projection != "none":
+        np.testing.assert_allclose(np.load(tmp_path / "pool.npy"), feats, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.load(tmp_path / "val.npy"), val, rtol=1e-5, atol=1e-6)
+    else:
+        assert not (tmp_path / "pool.npy").exists()
+    assert np.abs(scores).max() > 1e-3  # not trivially zero
+
+
+def test_token_budget_batches_give_the_same_scores(setup, tmp_path):
+    tok, model, moments, _ = setup
+    enc = Encoder(tok, 16, 32, 160)
+    extract(model, enc, POOL, VAL, tmp_path / "a", moments, "none", 0, 0, batch_size=4)
+    from icons.features.extract import batch_plan
+
+    lengths = [min(enc.length(r), enc.max_length) for r in POOL]
+    assert batch_plan(lengths, 4, max_tokens=40) != batch_plan(lengths, 4)  # the budget splits batches
+    meta = extract(model, enc, POOL, VAL, tmp_path / "b", moments, "none", 0, 0, batch_size=4, max_tokens=40)
+    assert meta["complete"] and meta["max_tokens"] == 40
+    np.testing.assert_allclose(np.load(tmp_path / "b" / "pool_scores.npy"), np.load(tmp_path / "a" / "pool_scores.npy"),
+                               rtol=1e-5, atol=1e-6)

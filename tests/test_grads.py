@@ -83,3 +83,23 @@ def test_batch_composition_does_not_change_an_example(setup):
         together, _ = pe(_batch(tok, MIXED))
         alone, _ = pe(_batch(tok, MIXED[:1]))
     assert torch.allclose(together[0], alone[0], rtol=1e-5, atol=1e-7)
+
+
+def test_streamed_blocks_equal_the_flat_gradient(setup):
+    tok, model = setup
+    batch = _batch(tok, MIXED)
+    with PerExampleGrads(model) as pe:
+        flat, losses = pe(batch)
+        blocks, losses2 = pe.stream(batch)
+        got = list(blocks)
+        assert [n for n, _ in got] == pe.names
+        assert all(g.shape == (4, *p.shape) for (_, g), (_, p) in zip(got, pe.params))
+        assert torch.equal(torch.cat([g.flatten(1) for _, g in got], 1), flat)
+        assert torch.equal(losses, losses2)
+        with pytest.raises(RuntimeError, match="backward"):  # blocks are released as they are read
+            next(pe.blocks())
+        pe.backward(batch)  # release=False: a second sweep over the same backward
+        first = [g for _, g in pe.blocks(release=False)]
+        second = [g for _, g in pe.blocks()]
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+        assert not pe._inputs and not pe._grads

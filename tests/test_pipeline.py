@@ -51,6 +51,18 @@ def test_pipeline_runs_and_is_deterministic(tmp_path, smoke_base):
     assert [r["id"] for r in subset] == ids_a and all("conversations" in r for r in subset)
     comp = json.loads((a / "selection" / "icons" / "subset" / "composition.json").read_text())
     assert comp["subset"]["n"] == len(ids_a) and abs(sum(comp["pool"]["family"].values()) - 1) < 1e-3
+    # every generated answer is kept: one row per test record, one per rotation for MMBench
+    stages = json.loads((a / "stages.json").read_text())
+    rows = [json.loads(line) for line in (Path(stages["eval/full"]["path"]) / "predictions.jsonl").open()]
+    cfg = _cfg(tmp_path, smoke_base)
+    for task in cfg.tasks.names:
+        test = json.loads(Path(json.loads((a / "data" / "manifest.json").read_text())["test"][task]).read_text())
+        want = sum(len(r["options"]) for r in test) if task.startswith("mmbench") else len(test)
+        got = [r for r in rows if r["task"] == task]
+        assert len(got) == want and all({"id", "prediction", "reference", "hit"} <= set(r) for r in got)
+    metrics = json.loads((Path(stages["eval/full"]["path"]) / "metrics.json").read_text())
+    hits = [r["hit"] for r in rows if r["task"] == "vqav2"]
+    assert metrics["vqav2"]["score"] == pytest.approx(100 * sum(hits) / len(hits))
 
 
 def test_rerun_skips_finished_stages_and_consensus_change_reuses_features(tmp_path, smoke_base):

@@ -381,3 +381,30 @@ def test_scoring_refuses_features_from_different_projections(tiny, tmp_path):
     # resuming a pool store with another projection is refused too
     with pytest.raises(ValueError, match="refusing to combine"):
         extract(model, enc, pool, val, b, None, "kronecker", 64, 2, batch_size=4)
+
+
+@pytest.mark.parametrize("cache", ["float32", "int8", "none"])
+def test_rademacher_accumulated_per_matrix_equals_projecting_the_concatenation(cache):
+    """The projection of a concatenation is the sum of each matrix's product with its own rows of
+    R, including matrices that straddle the 4096-row generation blocks (and when blocks are
+    regenerated instead of cached)."""
+    from icons.features.projection import BLOCK_ROWS
+
+    shapes = [(4, 1000), (3000, 2), (7, 700), (1, 5000), (33, 3)]
+    g = torch.Generator().manual_seed(3)
+    blocks = [torch.randn(5, o, i, generator=g) for o, i in shapes]
+    flat = torch.cat([b.flatten(1) for b in blocks], 1)
+    assert flat.shape[1] > 2 * BLOCK_ROWS
+    limits = {"float32": {}, "int8": {"FLOAT_CACHE_LIMIT": 0}, "none": {"FLOAT_CACHE_LIMIT": 0, "CACHE_LIMIT": 0}}
+    proj = type("R", (Rademacher,), limits[cache])(flat.shape[1], 96, seed=2)
+    assert torch.equal(proj(flat), Rademacher(flat.shape[1], 96, seed=2)(flat))  # caching changes no number
+    # Same sums in another order: fp32 rounding over ~20k terms (and thread-dependent BLAS order)
+    # moves results by ~1e-6 of their scale; a misplaced row of R moves them by O(scale).
+    whole = proj(flat)
+    torch.testing.assert_close(proj.project_blocks(blocks), whole, rtol=0, atol=1e-5 * float(whole.abs().max()))
+    # a wrong split (one matrix missing) is refused, not silently projected with shifted rows
+    with pytest.raises(ValueError, match="cover"):
+        proj.project_blocks(blocks[:-1])
+    # the identity's blocks: the concatenation
+    ident = make_projection("none", flat.shape[1], 0, 0)
+    assert torch.equal(ident.project_blocks(blocks), flat)

@@ -121,3 +121,17 @@ def test_shipped_base_matches_the_default_config(compose_cfg):
     model, tok = tiny_llava.load(ASSET)
     assert model.config.text_config.num_hidden_layers == cfg.model.text_layers
     assert tok.convert_tokens_to_ids("unanswerable") != tok.unk_token_id
+
+
+def test_probe_reads_what_the_shipped_base_knows():
+    """The diagnostic probe (teacher-forced) on the shipped base: it sees colours and positions
+    and copies counts from a text context (each measured at 100%); a shifted label or a broken
+    image path would put these near chance."""
+    from icons.models.base import ASSET
+    from icons.models.probe import probe
+
+    model, tok = tiny_llava.load(ASSET)
+    acc = probe(model, tok, n=60)
+    assert acc["caption_color"] >= 90 and acc["caption_position"] >= 90
+    assert acc["context_count"] >= 90 and acc["context_number"] >= 90
+    assert set(acc) >= {"caption_shape", "caption_digit", "context_color", "context_exist"}

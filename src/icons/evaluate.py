@@ -63,6 +63,15 @@ def generate(model, encoder: Encoder, records: list[dict], max_new_tokens: int, 
     return out
 
 
+def _row(rec: dict, pred: str, ref: str, hit) -> dict:
+    return {"id": rec.get("id"), "prompt": rec["conversations"][-2]["value"], "prediction": pred,
+            "reference": ref, "hit": hit}
+
+
+def _rows(records: list[dict], preds: list[str], hits: list) -> list[dict]:
+    return [_row(r, p, r["answer"], h) for r, p, h in zip(records, preds, hits)]
+
+
 def _rotations(task: str, rec: dict) -> list[tuple[dict, str]]:
     opts, ans = rec["options"], rec["answer_index"]
     out = []
@@ -77,7 +86,8 @@ def _rotations(task: str, rec: dict) -> list[tuple[dict, str]]:
 
 def evaluate_task(model, encoder: Encoder, task: str, records: list[dict], max_new_tokens: int,
                   batch_size: int = 64) -> dict:
-    """{'score': percent, 'n': items, plus metric details} for one task's test records."""
+    """{'score': percent, 'n': items, plus metric details, and 'predictions': one row per
+    generated answer (id, prompt variant, prediction, reference, hit)} for one task's test records."""
     metric = METRIC[task]
     if metric == "circular":
         expanded = [(i, r, a) for i, rec in enumerate(records) for r, a in _rotations(task, rec)]
@@ -88,18 +98,19 @@ def evaluate_task(model, encoder: Encoder, task: str, records: list[dict], max_n
             hit = normalise(p).split()[:1] == [a]
             ok[i] &= hit
             single.append(hit)
+        rows = [_row(r, p, a, hit) for (_, r, a), p, hit in zip(expanded, preds, single)]
         return {"score": 100 * sum(ok.values()) / len(records), "n": len(records),
-                "single_pass": 100 * sum(single) / len(single)}
+                "single_pass": 100 * sum(single) / len(single), "predictions": rows}
     preds = generate(model, encoder, records, max_new_tokens, batch_size)
     if metric == "exact":
         hits = [normalise(p) == normalise(r["answer"]) for p, r in zip(preds, records)]
-        return {"score": 100 * sum(hits) / len(hits), "n": len(hits)}
+        return {"score": 100 * sum(hits) / len(hits), "n": len(hits), "predictions": _rows(records, preds, hits)}
     if metric == "option":
         hits = [normalise(p).split()[:1] == [r["answer"]] for p, r in zip(preds, records)]
-        return {"score": 100 * sum(hits) / len(hits), "n": len(hits)}
+        return {"score": 100 * sum(hits) / len(hits), "n": len(hits), "predictions": _rows(records, preds, hits)}
     if metric == "f1":
         f1 = [token_f1(p, r["answer"]) for p, r in zip(preds, records)]
-        return {"score": 100 * sum(f1) / len(f1), "n": len(f1)}
+        return {"score": 100 * sum(f1) / len(f1), "n": len(f1), "predictions": _rows(records, preds, f1)}
     if metric == "mme":
         by_sub: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
         for p, r in zip(preds, records):
@@ -109,7 +120,9 @@ def evaluate_task(model, encoder: Encoder, task: str, records: list[dict], max_n
             acc = sum(sum(v) for v in pairs.values()) / sum(len(v) for v in pairs.values())
             acc_plus = sum(all(v) for v in pairs.values()) / len(pairs)
             subs[sub] = 100 * (acc + acc_plus) / 2
-        return {"score": sum(subs.values()) / len(subs), "n": len(records), "subtasks": subs}
+        hits = [normalise(p).lower() == r["answer"] for p, r in zip(preds, records)]
+        return {"score": sum(subs.values()) / len(subs), "n": len(records), "subtasks": subs,
+                "predictions": _rows(records, preds, hits)}
     raise ValueError(f"unknown metric {metric!r}")
 
 

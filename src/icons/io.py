@@ -50,3 +50,49 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def config_hash(obj: Any, n: int = 12) -> str:
     """Stable short hash of a JSON-able object (keys sorted)."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def save_npy(path: str | Path, array: Any) -> None:
+    """``np.save`` (no pickles) written atomically: a reader sees the whole array or no file."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- test hook (crash tests only)
+SLOW_STAGE_ENV, SLOW_SECONDS_ENV = "ICONS_TEST_SLOW_STAGE", "ICONS_TEST_SLOW_S"
+
+
+def slow_stage(stage: str) -> bool:
+    """Whether the crash-test hook is on for ``stage``: ``ICONS_TEST_SLOW_STAGE=<stage>`` (one of
+    ``warmup``, ``features``, ``select``). Off unless that variable is set; never set it in real
+    runs. Used by ``tests/test_crash_resume.py`` to SIGKILL a run inside a stage, at a moment it
+    can see from the stage's files (a stage of the smoke run is otherwise over in milliseconds)."""
+    return os.environ.get(SLOW_STAGE_ENV) == stage
+
+
+def slow_point(stage: str) -> None:
+    """The hook's pause: with ``ICONS_TEST_SLOW_STAGE=<stage>``, sleep ``ICONS_TEST_SLOW_S`` seconds
+    (default 2) at this step boundary of ``stage`` (warmup: after each epoch checkpoint; features:
+    after each pool batch, whose rows are then committed to the done mask at once; select: after
+    ``indices.npy``, before ``ids.json`` and the manifest). Does nothing otherwise."""
+    if slow_stage(stage):
+        import time
+
+        time.sleep(float(os.environ.get(SLOW_SECONDS_ENV, "2")))
+
+
+class ResourceError(RuntimeError):
+    """Not enough of a machine resource (disk) to go on; ``str(err)`` is one line."""
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"

@@ -7,7 +7,7 @@
     python -m icons.run stages=[check] data=llava_json data.path=pool.jsonl   # validate your data
 
 Exit status: 2 bad config, 1 bad input data (one line naming file, record, id, field), 3 the run
-directory is in use by another run.
+directory is in use by another run, 4 not enough resources (disk for the feature store).
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def main(cfg: DictConfig) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
     warnings.filterwarnings("ignore", category=FutureWarning)
     from .data.llava_json import BadInputError
+    from .io import ResourceError
     from .stages import RunDirLocked, run_stages
 
     run_dir, study_dir = directories(cfg)
@@ -65,6 +66,9 @@ def main(cfg: DictConfig) -> None:
     except RunDirLocked as err:
         print(f"[icons] {err}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except ResourceError as err:  # e.g. not enough disk for the feature store: size needed and free
+        print(f"[icons] {err}", file=sys.stderr, flush=True)
+        sys.exit(4)
     report = run_dir / "report.md"
     if report.exists():
         print(report.read_text())

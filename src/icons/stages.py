@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import tracking
 from .data.encode import Encoder, EncodedDataset
 from .data.mini_llava.pretraining import STREAM_VERSION
-from .io import config_hash, read_json, read_jsonl, write_json
+from .io import config_hash, read_json, read_jsonl, save_npy, slow_point, write_json, write_jsonl
 from .train import OptimConfig, ShuffledBatches, fit, set_trainable
 
 
@@ -297,7 +297,7 @@ def warmup_checkpoints(run: Run) -> list[Path]:
 
 # ---------------------------------------------------------------- ICONS step 2: features
 def stage_features(run: Run) -> dict:
-    from .features.extract import extract
+    from .features.sharded import extract_distributed, init_distributed
     from .models.lora import add_lora
     from .warmup import load_checkpoint
 
@@ -309,7 +309,10 @@ def stage_features(run: Run) -> dict:
         return _record(run, "features", m, out)
     t0 = time.time()
     pool, val = load_pool(run), load_val(run)
-    frun = tracking.start_run(cfg, "features", run.run_dir)
+    # data parallel when launched by torchrun / srun (RANK, WORLD_SIZE): each rank writes its rows
+    # of the shared store (features/sharded.py); rank 0 logs and records the result
+    rank, world = init_distributed()
+    frun = tracking.start_run(cfg, "features", run.run_dir) if rank == 0 else None
     metas = {}
     try:
         for ckpt in warmup_checkpoints(run):
@@ -317,9 +320,11 @@ def stage_features(run: Run) -> dict:
             model = add_lora(model, cfg.model.lora)
             moments = load_checkpoint(model, ckpt)
             model.eval()
-            meta = extract(model, make_encoder(run, tok), pool, val, out / ckpt.name,
-                           moments if cfg.gradient.kind == "adam" else None, cfg.projection.kind,
-                           cfg.projection.dim, cfg.projection.seed, cfg.gradient.batch_size, cfg.projection.dtype)
+            meta = extract_distributed(model, make_encoder(run, tok), pool, val, out / ckpt.name,
+                                       moments if cfg.gradient.kind == "adam" else None, cfg.projection.kind,
+                                       cfg.projection.dim, cfg.projection.seed, cfg.gradient.batch_size,
+                                       cfg.projection.dtype, rank=rank, world_size=world)
+            meta = {k: v for k, v in meta.items() if k not in ("complete", "rank", "rows_done")}
             metas[ckpt.name] = dict(meta, avg_lr=moments[2]["avg_lr"])
             print(f"[icons] features at {ckpt.name}: {meta['n_pool']} pool + {meta['n_val']} val, "
                   f"grad dim {meta['grad_dim']}, {meta['projection']['kind']} -> {meta['projection']['dim']} "
@@ -328,6 +333,8 @@ def stage_features(run: Run) -> dict:
         tracking.log_files(frun, "features", "features", sorted(out.glob("*/meta.json")) + sorted(out.glob("*/groups.json")))
     finally:
         tracking.finish(frun)
+    if rank != 0:
+        return {"key": key, "checkpoints": metas}
     return _record(run, "features", finish(out, key, t0, checkpoints=metas), out)
 
 
@@ -354,8 +361,8 @@ def stage_scores(run: Run) -> dict:
     combined = combine_checkpoints(per_ckpt, lrs)
     tasks = list(cfg.tasks.names)
     table = task_table(combined, groups, tasks).astype(np.float32)
-    np.save(out / "task_scores.npy", table, allow_pickle=False)
-    np.save(out / "merge_scores.npy", combined[:, groups.index(MERGE)].astype(np.float32), allow_pickle=False)
+    save_npy(out / "task_scores.npy", table)
+    save_npy(out / "merge_scores.npy", combined[:, groups.index(MERGE)].astype(np.float32))
     write_json(out / "ids.json", ids)
     write_json(out / "tasks.json", tasks)
     write_json(out / "weights.json", dict(zip(fman["checkpoints"], (np.asarray(lrs) / sum(lrs)).tolist())))
@@ -402,7 +409,7 @@ def selection_from_run(run: Run, src_run: Path, name: str, out: Path) -> dict:
         raise ValueError(f"selection.from_run={src_run}: its {name!r} selection is over another pool "
                          f"({len(missing)} of its ids are not in this pool; pool sizes {source.get('of')} and "
                          f"{len(pool_ids)})")
-    np.save(out / "indices.npy", np.asarray([pos[i] for i in ids], dtype=np.int64), allow_pickle=False)
+    save_npy(out / "indices.npy", np.asarray([pos[i] for i in ids], dtype=np.int64))
     write_json(out / "ids.json", ids)
     return finish(out, key, t0, selector=name, n=len(ids), of=len(pool_ids), from_run=str(src_run.resolve()),
                   source_key=source["key"])
@@ -446,12 +453,13 @@ def stage_select(run: Run) -> dict:
             idx = consensus.select(scores, cfg.selection.ratio, c.method, c.threshold_percentile, c.tie_break,
                                    cfg.selection.seed)
             v = consensus.votes(table, c.threshold_percentile)
-            np.save(out / "votes.npy", v.astype(np.int16), allow_pickle=False)
+            save_npy(out / "votes.npy", v.astype(np.int16))
             extra = {"vote_histogram": {int(k): int(n) for k, n in sorted(Counter(v.tolist()).items())},
                      "selected_vote_histogram": {int(k): int(n) for k, n in sorted(Counter(v[idx].tolist()).items())}}
         else:
             raise ValueError(f"unknown selector {sel!r}; available: full, random, icons")
-        np.save(out / "indices.npy", idx, allow_pickle=False)
+        save_npy(out / "indices.npy", idx)
+        slow_point("select")  # crash-test hook (off unless ICONS_TEST_SLOW_STAGE=select)
         write_json(out / "ids.json", [ids[i] for i in idx])
         results[name] = finish(out, key, t0, selector=name, n=int(len(idx)), of=len(ids), **extra)
         srun = tracking.start_run(cfg, f"select-{name}", run.run_dir)
@@ -595,9 +603,12 @@ def stage_eval(run: Run) -> dict:
         erun = tracking.start_run(cfg, f"eval-{name}", run.run_dir)
         try:
             metrics = evaluate_model(run, model_dir)
+            # every generated answer, for error analysis (e.g. which letter an MC model always picks)
+            write_jsonl(out / "predictions.jsonl",
+                        [{"task": t, **row} for t, v in metrics.items() for row in v.pop("predictions")])
             write_json(out / "metrics.json", metrics)
             tracking.log_summary(erun, {f"eval/{t}": v["score"] for t, v in metrics.items()})
-            tracking.log_files(erun, f"eval-{name}", "eval", [out / "metrics.json"])
+            tracking.log_files(erun, f"eval-{name}", "eval", [out / "metrics.json", out / "predictions.jsonl"])
         finally:
             tracking.finish(erun)
         results[name] = _record(run, f"eval/{name}",

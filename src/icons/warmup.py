@@ -2,11 +2,18 @@
 
 Saves one checkpoint per epoch: the LoRA weights, the Adam moments (exp_avg, exp_avg_sq) of every
 LoRA weight, and the average learning rate over the epoch (checkpoint weights for the scores).
+
+Crash safety: a checkpoint is written into a hidden ``.checkpoint-<e>.partial`` directory and
+renamed to ``checkpoint-<e>`` only when all its files are there, so a ``checkpoint-*`` directory is
+always whole. An interrupted warmup (no stage manifest) restarts cleanly: ``run_warmup`` first
+removes the checkpoints and partial directories a killed run left, then trains from the same seed,
+so the result is byte-identical to an uninterrupted run (tests/test_crash_resume.py).
 """
 from __future__ import annotations
 
 import math
 import random
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data.encode import EncodedDataset
-from .io import write_json
+from .io import slow_point, write_json
 from .train import LlavaModule, OptimConfig, ShuffledBatches, make_trainer
 
 
@@ -33,8 +40,11 @@ class EpochCheckpoints(L.Callback):
         if step % self.steps_per_epoch and step != module.total_steps:
             return
         epoch = math.ceil(step / self.steps_per_epoch)
-        ckpt = self.out_dir / f"checkpoint-{epoch}"
-        ckpt.mkdir(parents=True, exist_ok=True)
+        final = self.out_dir / f"checkpoint-{epoch}"
+        ckpt = self.out_dir / f".checkpoint-{epoch}.partial"
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        ckpt.mkdir(parents=True)
         opt = trainer.optimizers[0]
         names = {id(p): n for n, p in module.model.named_parameters() if p.requires_grad}
         weights, m, v = {}, {}, {}
@@ -52,12 +62,20 @@ class EpochCheckpoints(L.Callback):
         info = {"epoch": epoch, "step": step, "avg_lr": sum(span) / len(span),
                 "betas": list(opt.param_groups[0]["betas"]), "eps": opt.param_groups[0]["eps"]}
         write_json(ckpt / "checkpoint.json", info)
+        if final.exists():
+            shutil.rmtree(final)
+        ckpt.rename(final)  # whole or absent
         self.saved.append(info)
+        slow_point("warmup")
 
 
 def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, batch_size: int, lr: float,
                seed: int, trainer_cfg=None) -> list[dict]:
-    """LoRA-train ``model`` (a peft model) on ``records``; returns the checkpoints' info."""
+    """LoRA-train ``model`` (a peft model) on ``records``; returns the checkpoints' info.
+
+    Checkpoints (whole or partial) that an interrupted earlier run left in ``out_dir`` are removed
+    first: training restarts from step 0 and rewrites every epoch's checkpoint."""
+    clear_checkpoints(out_dir)
     items = EncodedDataset(records, encoder).items
     batches = ShuffledBatches(items, batch_size, epochs, seed, encoder.tok.pad_token_id)
     steps_per_epoch = math.ceil(len(items) / batch_size)
@@ -70,6 +88,13 @@ def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, 
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     model.eval()
     return cb.saved
+
+
+def clear_checkpoints(out_dir: Path) -> None:
+    """Remove every ``checkpoint-*`` and ``.checkpoint-*.partial`` directory in ``out_dir``."""
+    if out_dir.exists():
+        for d in [*out_dir.glob("checkpoint-*"), *out_dir.glob(".checkpoint-*.partial")]:
+            shutil.rmtree(d)
 
 
 def load_checkpoint(model, ckpt: Path) -> tuple[dict, dict, dict]:

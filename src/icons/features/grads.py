@@ -10,6 +10,8 @@ scaling peft applies (alpha / r) is already in the chain rule.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +37,9 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 class PerExampleGrads:
-    """Context manager: ``grads(batch) -> (B, D)`` flattened per-example LoRA gradients."""
+    """Context manager: ``grads(batch) -> (B, D)`` flattened per-example LoRA gradients, or,
+    without ever forming that, ``blocks, losses = grads.stream(batch)`` with ``blocks`` yielding
+    ``(name, (B, out, in))`` one LoRA matrix at a time."""
 
     def __init__(self, model):
         self.model = model
@@ -69,8 +73,9 @@ class PerExampleGrads:
             output.register_hook(lambda g: self._grads.__setitem__(name, g.detach()))
         return hook
 
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example gradients (B, D) and per-example losses (B,) for one batch."""
+    def backward(self, batch: dict) -> torch.Tensor:
+        """One batched forward and backward; keeps each LoRA matrix's input and output gradient
+        for ``blocks``. Returns the per-example losses (B,)."""
         self._inputs.clear()
         self._grads.clear()
         labels = batch["labels"]
@@ -79,12 +84,38 @@ class PerExampleGrads:
             out = self.model(**inputs)
             losses = per_example_loss(out.logits, labels)
             losses.sum().backward()
-        blocks = []
-        for name in self.names:
-            g, x = self._grads[name], self._inputs[name]
-            blocks.append(torch.einsum("bto,bti->boi", g.float(), x.float()).flatten(1))
         self.model.zero_grad(set_to_none=True)
-        return torch.cat(blocks, dim=1), losses.detach()
+        return losses.detach()
+
+    def blocks(self, release: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Per-matrix per-example gradients ``(name, (B, out, in))`` of the last ``backward``, in
+        ``names`` order, each formed only when asked for: the kept input and output gradient of a
+        matrix are released once its block is made, so at most one (B, out, in) block exists at a
+        time (plus whatever the caller keeps) and the whole-model (B, D) gradient never does.
+        ``release=False`` keeps them, for a second sweep over the same backward."""
+        missing = [n for n in self.names if n not in self._grads]
+        if missing:
+            raise RuntimeError(f"no output gradient captured for {missing[:3]} (call backward(batch) first; "
+                               f"each backward's blocks can be read once)")
+        for name in self.names:
+            if release:
+                g, x = self._grads.pop(name), self._inputs.pop(name)
+            else:
+                g, x = self._grads[name], self._inputs[name]
+            yield name, torch.einsum("bto,bti->boi", g.float(), x.float())
+        if release:
+            self._inputs.clear()
+
+    def stream(self, batch: dict) -> tuple[Iterator[tuple[str, torch.Tensor]], torch.Tensor]:
+        """``(blocks, losses)``: ``backward(batch)`` then a generator over its per-matrix gradients."""
+        losses = self.backward(batch)
+        return self.blocks(), losses
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example gradients (B, D) and per-example losses (B,) for one batch (the whole-model
+        gradient, concatenated in ``names`` order; streaming callers use ``stream`` instead)."""
+        blocks, losses = self.stream(batch)
+        return torch.cat([g.flatten(1) for _, g in blocks], dim=1), losses
 
 
 def reference_grads(model, batch: dict) -> torch.Tensor:

@@ -2,7 +2,10 @@
 
 - ``none``: the exact gradient (dimension D);
 - ``rademacher``: x -> x R / sqrt(d) with R a D x d matrix of random +-1, generated block by
-  block from the seed (never held as one dense float matrix; cached as int8 when small);
+  block from the seed (blocks cached as float32 while R fits in 1 GiB, as int8 while it fits in
+  256 MiB, regenerated per use beyond that); the projection of a concatenation is the sum of
+  each part's product with its own rows of R, so ``project_blocks`` accumulates it matrix by
+  matrix;
 - ``kronecker``: a sum over LoRA weight matrices of independent two-sided sketches,
   ``y = sum_m vec(L_m G_m R_m^T)`` with ``G_m`` the (out, in) gradient of matrix m. Each
   ``L_m G_m R_m^T`` is ``a_m x b_m`` with ``a_m * b_m = dim``, so every matrix lands in the same
@@ -42,6 +45,15 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def project_blocks(self, blocks: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Per-matrix gradients (B, out, in), in the order of the flat gradient -> (B, dim), equal
+        to ``self(torch.cat([g.flatten(1) for g in blocks], 1))``. The identity has to form the
+        concatenation; the random projections accumulate matrix by matrix instead."""
+        x = torch.cat([g.flatten(1) for g in blocks], dim=1)
+        if x.shape[1] != self.in_dim:
+            raise ValueError(f"{self.kind}: blocks cover {x.shape[1]} gradient entries, expected {self.in_dim}")
+        return self(x)
+
     def meta(self) -> dict:
         return {"kind": self.kind, "dim": self.dim, "seed": self.seed, "in_dim": self.in_dim}
 
@@ -49,27 +61,80 @@ class Projection:
 class Rademacher(Projection):
     kind = "rademacher"
     CACHE_LIMIT = 1 << 28  # cache the +-1 blocks as int8 up to 256 MiB
+    FLOAT_CACHE_LIMIT = 1 << 30  # ... and as float32 (no conversion per use) up to 1 GiB
 
     def __init__(self, in_dim: int, dim: int, seed: int = 0):
         super().__init__(in_dim, dim, seed)
-        self._cache: list[torch.Tensor] | None = [] if in_dim * dim <= self.CACHE_LIMIT else None
+        self._float = in_dim * dim * 4 <= self.FLOAT_CACHE_LIMIT
+        small = in_dim * dim <= self.CACHE_LIMIT and not self._float
+        self._cache: dict[int, torch.Tensor] | None = {} if small else None
+        self._on: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _matrix(self, b: int, device: torch.device) -> torch.Tensor:
+        """Block b as float32 on ``device``: cached there when the whole map fits the float cache."""
+        if not self._float:
+            return self._block_memo(b).to(device).float()
+        key = (b, device)
+        if key not in self._on:
+            self._on[key] = self._block(b).to(device).float()
+        return self._on[key]
 
     def _block(self, b: int) -> torch.Tensor:
-        if self._cache is not None and b < len(self._cache):
+        if self._cache is not None and b in self._cache:
             return self._cache[b]
         rows = min(BLOCK_ROWS, self.in_dim - b * BLOCK_ROWS)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
         blk = (torch.randint(0, 2, (rows, self.dim), generator=gen, dtype=torch.int8) * 2 - 1)
         if self._cache is not None:
-            self._cache.append(blk)
+            self._cache[b] = blk
         return blk
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape[0], self.dim, dtype=torch.float32, device=x.device)
         for b in range((self.in_dim + BLOCK_ROWS - 1) // BLOCK_ROWS):
             sl = slice(b * BLOCK_ROWS, min((b + 1) * BLOCK_ROWS, self.in_dim))
-            out += x[:, sl].float() @ self._block(b).to(x.device).float()
+            out += x[:, sl].float() @ self._matrix(b, x.device)
         return out / self.dim ** 0.5
+
+    def accumulate(self, out: torch.Tensor, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """``out += x R[offset:offset + x.shape[1]] / sqrt(dim)``: the share of coordinates
+        ``offset ...`` of the flat gradient in its projection (which is the sum of such shares)."""
+        end = offset + x.shape[1]
+        if offset < 0 or end > self.in_dim:
+            raise ValueError(f"rademacher: coordinates {offset}:{end} outside the gradient's {self.in_dim}")
+        scale = self.dim ** -0.5
+        pos = offset
+        while pos < end:
+            b = pos // BLOCK_ROWS
+            lo = pos - b * BLOCK_ROWS
+            hi = min(end, (b + 1) * BLOCK_ROWS) - b * BLOCK_ROWS
+            blk = self._matrix(b, x.device)
+            out.addmm_(x[:, pos - offset:pos - offset + hi - lo].float(), blk[lo:hi], alpha=scale)
+            pos += hi - lo
+        return out
+
+    def _block_memo(self, b: int) -> torch.Tensor:
+        # uncached (large) maps: a block shared by two adjacent matrices is generated once, not twice
+        if self._cache is not None:
+            return self._block(b)
+        if getattr(self, "_memo", (None,))[0] != b:
+            self._memo = (b, self._block(b))
+        return self._memo[1]
+
+    def project_blocks(self, blocks: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Per-matrix gradients (B, out, in) in flat order -> (B, dim), accumulated matrix by
+        matrix (each matrix meets only its own rows of R): equal, up to rounding, to projecting
+        the concatenation, which is never formed."""
+        out, off = None, 0
+        for g in blocks:
+            x = g.reshape(g.shape[0], -1)
+            if out is None:
+                out = torch.zeros(x.shape[0], self.dim, dtype=torch.float32, device=x.device)
+            self.accumulate(out, x, off)
+            off += x.shape[1]
+        if off != self.in_dim:
+            raise ValueError(f"rademacher: blocks cover {off} gradient entries, expected {self.in_dim}")
+        return out
 
 
 def kronecker_plan(out: int, inp: int, dim: int) -> tuple[str, int, int]:

@@ -1,10 +1,8 @@
 """Shared pieces of the benchmark converters: prompts, the refusal, the seeded sample, records."""
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 #: LLaVA-1.5's response-format prompts (paper, Table 7; its eval question files), each appended
@@ -22,16 +20,6 @@ class EvaluatedSplitError(ValueError):
 
 class SourceError(ValueError):
     """The source file is not what the converter expects."""
-
-
-def read_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def majority(answers: Iterable[str]) -> str:

@@ -16,8 +16,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from ...io import read_json, read_jsonl
 from .common import (LETTERS, MC_CN, MC_EN, SHORT, UNANSWERABLE, EvaluatedSplitError, SourceError, join,
-                     majority, read_json, read_jsonl, record, sample, suffixed)
+                     majority, record, sample, suffixed)
 
 Meta = dict
 

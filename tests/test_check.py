@@ -80,11 +80,18 @@ def test_check_stage_on_a_bad_user_pool_stops_naming_the_first_problem(tmp_path,
     assert "repaired: image_token_inserted=1" in printed and "converted to RGB: RGBA=1" in printed
 
 
-def test_skip_writes_good_records_and_bad_records_jsonl(tmp_path, icons_cache, user_pool):
+def test_skip_writes_good_records_and_bad_records_jsonl(tmp_path, icons_cache, user_pool, monkeypatch):
+    from icons import tracking
+
+    logged = {}
+    monkeypatch.setattr(tracking, "log_summary", lambda run, metrics: logged.update(metrics))
     cfg = _cfg("stages=[check,data]", "data=llava_json", f"data.path={user_pool}",
                f"data.image_root={tmp_path / 'images'}", "data.on_bad_record=skip")
     out = run_stages(cfg, tmp_path / "run")
     assert out["check"]["problems"] == 3 and out["check"]["ok"] == 3
+    # the counts reach W&B too (by kind)
+    assert logged["check/problems"] == 3 and logged["check/records"] == 6
+    assert logged["check/problems/missing_image"] == 1 and logged["check/problems/duplicate_id"] == 1
     data = tmp_path / "run" / "data"
     pool = read_json(data / "pool.json")
     assert [r["id"] for r in pool] == ["u-0", "u-3", "u-5"]  # ids exactly as given, file order

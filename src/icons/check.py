@@ -267,6 +267,7 @@ def run_check(run) -> dict:
     for line in summary_lines(report):
         print(f"[icons] check: {line}", flush=True)
     probs, fatal = report["problems"], report["fatal"]
+    _log_to_wandb(run, out, report)
     where = f"; all listed in {out / 'problems.jsonl'}"
     if fatal:
         raise BadInputError(summary_error(fatal, where), fatal)
@@ -276,6 +277,24 @@ def run_check(run) -> dict:
     return finish(out, key, t0, records=pool["records"], ok=pool["ok"], with_image=pool["with_image"],
                   text_only=pool["text_only"], problems=len(probs), truncated=len(report["truncated"]),
                   on_bad_record=cfg.data.on_bad_record)
+
+
+def _log_to_wandb(run, out: Path, report: dict) -> None:
+    """Problem counts (total and by kind) and the problem list, whether the check passes or not."""
+    from . import tracking
+
+    kinds: dict[str, int] = {}
+    for p in report["problems"]:
+        kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
+    wrun = tracking.start_run(run.cfg, "check", run.run_dir)
+    try:
+        tracking.log_summary(wrun, {"check/records": report["files"][0].get("records", 0),
+                                    "check/problems": len(report["problems"]), "check/fatal": len(report["fatal"]),
+                                    "check/truncated": len(report["truncated"]),
+                                    **{f"check/problems/{k}": v for k, v in sorted(kinds.items())}})
+        tracking.log_files(wrun, "check", "check", [out / "summary.json", out / "problems.jsonl"])
+    finally:
+        tracking.finish(wrun)
 
 
 # --------------------------------------------------------------------------- data stage, llava_json

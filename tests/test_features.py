@@ -2,18 +2,14 @@
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from icons.data.encode import Encoder, collate
-from icons.data.mini_llava import tokenizer_corpus
 from icons.features.extract import extract, load_group_scores
 from icons.features.grads import reference_grads
 from icons.features.projection import Rademacher
 from icons.influence import MERGE, combine_checkpoints, direct_scores, group_means, task_table
-from icons.models import tiny_llava
-from icons.models.lora import add_lora
 
-LORA = OmegaConf.create({"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": r".*language_model.*\.(q_proj|v_proj)"})
+from .tiny_lora import LORA, random_moments, tiny_lora_model
 
 
 def _rec(i, q, a, task=None, subtask=None):
@@ -36,21 +32,9 @@ VAL = [_rec(10, "What is 1 plus 1 ?", "1 plus 1 is 2 .", "math"), _rec(11, "What
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = tiny_llava.build_tokenizer(tokenizer_corpus(per_family=50, per_task=20))
-    torch.manual_seed(0)
-    model = add_lora(tiny_llava.build_model(tok, text_hidden=64, text_layers=2, vision_hidden=32), LORA)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    model.eval()
+    tok, model = tiny_lora_model(LORA)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    g = torch.Generator().manual_seed(1)
-    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-    m = {n: torch.randn(shapes[n], generator=g) * 1e-3 for n in names}
-    v = {n: torch.rand(shapes[n], generator=g) * 1e-5 for n in names}
-    info = {"betas": [0.9, 0.999], "eps": 1e-8, "avg_lr": 1e-3}
-    return tok, model, (m, v, info), names
+    return tok, model, random_moments(model), names
 
 
 def _expected(model, tok, names, moments):

@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 from icons.features.projection import Kronecker, Rademacher, kronecker_plan, make_projection
 from icons.influence import check_compatible, stream_scores
 
+from .tiny_lora import tiny_lora_model
+
 # LoRA-shaped layout (r = 4) plus one odd matrix whose short side does not divide dim ("both" mode)
 LAYOUT = [("l0.q.lora_A", (4, 96)), ("l0.q.lora_B", (96, 4)), ("l0.up.lora_A", (4, 96)), ("l0.up.lora_B", (160, 4)),
           ("l0.down.lora_A", (4, 160)), ("l0.down.lora_B", (96, 4)), ("extra", (6, 10))]
@@ -296,20 +298,7 @@ def test_kronecker_is_a_config_choice(compose_cfg):
 # ---------------------------------------------------------------- feature stores (tiny model)
 @pytest.fixture(scope="module")
 def tiny():
-    from icons.data.mini_llava import tokenizer_corpus
-    from icons.models import tiny_llava
-    from icons.models.lora import add_lora
-
-    tok = tiny_llava.build_tokenizer(tokenizer_corpus(per_family=50, per_task=20))
-    torch.manual_seed(0)
-    lora = OmegaConf.create({"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": r".*language_model.*\.(q_proj|v_proj)"})
-    model = add_lora(tiny_llava.build_model(tok, text_hidden=64, text_layers=2, vision_hidden=32), lora)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    model.eval()
-    return tok, model
+    return tiny_lora_model()
 
 
 def _records():

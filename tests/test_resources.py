@@ -6,18 +6,14 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from icons.data.encode import Encoder
-from icons.data.mini_llava import tokenizer_corpus
 from icons.features import extract as extract_mod
 from icons.features.extract import extract, load_group_scores
 from icons.features.grads import PerExampleGrads
 from icons.io import ResourceError
-from icons.models import tiny_llava
-from icons.models.lora import add_lora
 
-LORA = OmegaConf.create({"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": r".*language_model.*\.(q_proj|v_proj)"})
+from .tiny_lora import LORA, random_moments, tiny_lora_model
 Usage = namedtuple("Usage", "total used free")
 
 
@@ -36,19 +32,8 @@ VAL = [_rec(100, "What is 1 plus 1 ?", "1 plus 1 is 2 .", "math"), _rec(101, "Is
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = tiny_llava.build_tokenizer(tokenizer_corpus(per_family=50, per_task=20))
-    torch.manual_seed(0)
-    model = add_lora(tiny_llava.build_model(tok, text_hidden=64, text_layers=2, vision_hidden=32), LORA)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    model.eval()
-    g = torch.Generator().manual_seed(1)
-    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-    m = {n: torch.randn(s, generator=g) * 1e-3 for n, s in shapes.items()}
-    v = {n: torch.rand(s, generator=g) * 1e-5 for n, s in shapes.items()}
-    return tok, model, (m, v, {"betas": [0.9, 0.999], "eps": 1e-8, "avg_lr": 1e-3})
+    tok, model = tiny_lora_model(LORA)
+    return tok, model, random_moments(model)
 
 
 # ---------------------------------------------------------------- disk space

@@ -1,13 +1,11 @@
 """Data-parallel extraction: two CPU processes (gloo) write the same store as one process, in place."""
 import numpy as np
 import pytest
-import torch
-from omegaconf import OmegaConf
 
 from icons.features.extract import batch_plan, load_group_scores, shard_plan
 from icons.features.sharded import dist_env, spawn
 
-LORA = OmegaConf.create({"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": r".*language_model.*\.(q_proj|v_proj)"})
+from .tiny_lora import LORA, random_moments, tiny_lora_model
 QA = [("What is 3 plus 4 ?", "3 plus 4 is 7 ."), ("Is 5 even or odd ?", "5 is odd ."),
       ("Does a circle have corners ?", "No , a circle has no corners ."), ("What is 9 minus 2 ?", "9 minus 2 is 7 ."),
       ("Which is larger , 2 or 8 ?", "8 is larger than 2 ."), ("How many sides does a square have ?", "A square has 4 sides ."),
@@ -33,25 +31,11 @@ def _job(rank, world_size, runs):
     in order; ``only_rank`` set: just that rank's share of a 2-way job, without waiting for the
     other rank (a job whose other rank died)."""
     from icons.data.encode import Encoder
-    from icons.data.mini_llava import tokenizer_corpus
     from icons.features.extract import extract
     from icons.features.sharded import extract_distributed
-    from icons.models import tiny_llava
-    from icons.models.lora import add_lora
 
-    tok = tiny_llava.build_tokenizer(tokenizer_corpus(per_family=50, per_task=20))
-    torch.manual_seed(0)
-    model = add_lora(tiny_llava.build_model(tok, text_hidden=64, text_layers=2, vision_hidden=32), LORA)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    model.eval()
-    g = torch.Generator().manual_seed(1)
-    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-    m = {n: torch.randn(s, generator=g) * 1e-3 for n, s in shapes.items()}
-    v = {n: torch.rand(s, generator=g) * 1e-5 for n, s in shapes.items()}
-    moments = (m, v, {"betas": [0.9, 0.999], "eps": 1e-8})
+    tok, model = tiny_lora_model(LORA)
+    moments = random_moments(model)
     for out_dir, projection, only_rank in runs:
         args = (model, Encoder(tok, 16, 32, 160), POOL, VAL, out_dir, moments, projection, 64, 3)
         if only_rank is not None:

@@ -122,6 +122,7 @@ def test_sigkill_mid_stage_then_rerun_gives_identical_results(setup, reference, 
         wdir = next((run_dir / "warmup").iterdir())
         (wdir / ".checkpoint-2.partial").mkdir(exist_ok=True)
         (wdir / ".checkpoint-2.partial" / "lora.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+        first = (wdir / "checkpoint-1" / "lora.safetensors").stat().st_mtime_ns
     if stage == "features":
         done = np.load(next((run_dir / "features").glob("*/checkpoint-*/pool_done.npy")))
         assert 0 < done.sum() < done.size  # the rerun resumes a partly-filled store
@@ -135,6 +136,8 @@ def test_sigkill_mid_stage_then_rerun_gives_identical_results(setup, reference, 
     if stage == "warmup":
         wdir = next((run_dir / "warmup").iterdir())
         assert sorted(p.name for p in wdir.iterdir() if p.is_dir()) == ["checkpoint-1", "checkpoint-2"]
+        # resumed after epoch 1 (its checkpoint kept, not retrained), yet byte-identical above
+        assert (wdir / "checkpoint-1" / "lora.safetensors").stat().st_mtime_ns == first
     ids = json.loads((run_dir / "selection" / "icons" / "ids.json").read_text())
     assert len(ids) == int(0.2 * 120)
 

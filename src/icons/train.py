@@ -55,12 +55,19 @@ def set_trainable(model, mode: str) -> None:
 
 
 class LlavaModule(L.LightningModule):
-    def __init__(self, model, optim: OptimConfig, total_steps: int):
+    def __init__(self, model, optim: OptimConfig, total_steps: int, start_step: int = 0,
+                 adam_state: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """``start_step`` and ``adam_state`` (parameter name -> (exp_avg, exp_avg_sq)) resume a run
+        from a checkpoint: the schedule continues at ``start_step`` and Adam from those moments."""
         super().__init__()
         self.model = model
         self.optim = optim
         self.total_steps = total_steps
-        self.lrs: list[float] = []
+        self.start_step = start_step
+        self.adam_state = adam_state
+        # the learning rates of the steps before start_step, exactly as the scheduler gave them
+        self.lrs: list[float] = [optim.lr * lr_factor(s, total_steps, optim.warmup_ratio, optim.scheduler)
+                                 for s in range(start_step)]
         self.losses: list[float] = []
 
     def training_step(self, batch, batch_idx):
@@ -81,22 +88,31 @@ class LlavaModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay,
                                 betas=self.optim.betas, eps=self.optim.eps)
+        if self.adam_state is not None:
+            names = {id(p): n for n, p in self.model.named_parameters() if p.requires_grad}
+            for p in params:
+                m, v = self.adam_state[names[id(p)]]
+                opt.state[p] = {"step": torch.tensor(float(self.start_step)), "exp_avg": m.clone(),
+                                "exp_avg_sq": v.clone()}
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, self.total_steps, self.optim.warmup_ratio, self.optim.scheduler))
+            opt, lambda s: lr_factor(s + self.start_step, self.total_steps, self.optim.warmup_ratio,
+                                     self.optim.scheduler))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class ShuffledBatches(torch.utils.data.IterableDataset):
     """Epochs over pre-encoded examples, reshuffled each epoch from a seed, batches collated."""
 
-    def __init__(self, items: list[Encoded], batch_size: int, epochs: int, seed: int, pad_id: int):
+    def __init__(self, items: list[Encoded], batch_size: int, epochs: int, seed: int, pad_id: int,
+                 start_epoch: int = 0):
         self.items, self.batch_size, self.epochs, self.seed, self.pad_id = items, batch_size, epochs, seed, pad_id
+        self.start_epoch = start_epoch  # resuming: the epochs before it are not replayed
 
     def __len__(self) -> int:
-        return self.epochs * math.ceil(len(self.items) / self.batch_size)
+        return (self.epochs - self.start_epoch) * math.ceil(len(self.items) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
-        for epoch in range(self.epochs):
+        for epoch in range(self.start_epoch, self.epochs):
             order = list(range(len(self.items)))
             random.Random(self.seed * 1000 + epoch).shuffle(order)
             for i in range(0, len(order), self.batch_size):

@@ -5,9 +5,10 @@ LoRA weight, and the average learning rate over the epoch (checkpoint weights fo
 
 Crash safety: a checkpoint is written into a hidden ``.checkpoint-<e>.partial`` directory and
 renamed to ``checkpoint-<e>`` only when all its files are there, so a ``checkpoint-*`` directory is
-always whole. An interrupted warmup (no stage manifest) restarts cleanly: ``run_warmup`` first
-removes the checkpoints and partial directories a killed run left, then trains from the same seed,
-so the result is byte-identical to an uninterrupted run (tests/test_crash_resume.py).
+always whole. An interrupted warmup (no stage manifest) resumes from its last whole checkpoint:
+LoRA weights, Adam moments and step, the schedule's position and the epoch's data order (seeded
+per epoch) are all restored, so the result is byte-identical to an uninterrupted run
+(tests/test_crash_resume.py). Partial directories are removed first.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data.encode import EncodedDataset
-from .io import slow_point, write_json
+from .io import read_json, slow_point, write_json
 from .train import LlavaModule, OptimConfig, ShuffledBatches, make_trainer
 
 
@@ -73,15 +74,27 @@ def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, 
                seed: int, trainer_cfg=None) -> list[dict]:
     """LoRA-train ``model`` (a peft model) on ``records``; returns the checkpoints' info.
 
-    Checkpoints (whole or partial) that an interrupted earlier run left in ``out_dir`` are removed
-    first: training restarts from step 0 and rewrites every epoch's checkpoint."""
-    clear_checkpoints(out_dir)
+    Resumes after the last whole ``checkpoint-<e>`` an interrupted earlier run left in ``out_dir``
+    (``model`` must hold the LoRA initialisation that run started from: it is overwritten)."""
+    for d in out_dir.glob(".checkpoint-*.partial") if out_dir.exists() else []:
+        shutil.rmtree(d)
     items = EncodedDataset(records, encoder).items
-    batches = ShuffledBatches(items, batch_size, epochs, seed, encoder.tok.pad_token_id)
     steps_per_epoch = math.ceil(len(items) / batch_size)
-    module = LlavaModule(model, OptimConfig(lr=lr, warmup_ratio=0.03, scheduler="linear", weight_decay=0.0),
-                         len(batches))
+    done = finished_epochs(out_dir, epochs, steps_per_epoch)
+    saved, start_epoch, adam_state = [], len(done), None
+    for ckpt in done:
+        saved.append(read_json(ckpt / "checkpoint.json"))
+    if done:
+        m, v, _ = load_checkpoint(model, done[-1])
+        adam_state = {n: (m[n], v[n]) for n in m}
+        print(f"[icons] warmup: resuming after epoch {start_epoch} of {epochs} ({done[-1]})", flush=True)
+    optim = OptimConfig(lr=lr, warmup_ratio=0.03, scheduler="linear", weight_decay=0.0)
+    batches = ShuffledBatches(items, batch_size, epochs, seed, encoder.tok.pad_token_id, start_epoch)
+    if len(batches) == 0:
+        return saved
+    module = LlavaModule(model, optim, epochs * steps_per_epoch, start_epoch * steps_per_epoch, adam_state)
     cb = EpochCheckpoints(out_dir, steps_per_epoch)
+    cb.saved = saved
     trainer = make_trainer(trainer_cfg, len(batches), callbacks=[cb], grad_clip=1.0)
     torch.manual_seed(seed)
     model.train()
@@ -90,11 +103,17 @@ def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, 
     return cb.saved
 
 
-def clear_checkpoints(out_dir: Path) -> None:
-    """Remove every ``checkpoint-*`` and ``.checkpoint-*.partial`` directory in ``out_dir``."""
-    if out_dir.exists():
-        for d in [*out_dir.glob("checkpoint-*"), *out_dir.glob(".checkpoint-*.partial")]:
-            shutil.rmtree(d)
+def finished_epochs(out_dir: Path, epochs: int, steps_per_epoch: int) -> list[Path]:
+    """The whole checkpoints 1..e of an earlier, interrupted run (stopping at the first gap)."""
+    done = []
+    for e in range(1, epochs + 1):
+        ckpt = out_dir / f"checkpoint-{e}"
+        if not (ckpt / "checkpoint.json").exists():
+            break
+        if read_json(ckpt / "checkpoint.json").get("step") != e * steps_per_epoch:
+            raise ValueError(f"{ckpt}: made with another number of steps per epoch; delete {out_dir} to restart")
+        done.append(ckpt)
+    return done
 
 
 def load_checkpoint(model, ckpt: Path) -> tuple[dict, dict, dict]:
@@ -110,6 +129,4 @@ def load_checkpoint(model, ckpt: Path) -> tuple[dict, dict, dict]:
     adam = load_file(str(ckpt / "adam.safetensors"))
     m = {k[3:]: t for k, t in adam.items() if k.startswith("m::")}
     v = {k[3:]: t for k, t in adam.items() if k.startswith("v::")}
-    from .io import read_json
-
     return m, v, read_json(ckpt / "checkpoint.json")

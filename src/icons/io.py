@@ -93,6 +93,6 @@ class ResourceError(RuntimeError):
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+            break
         n /= 1024
-    return f"{n} B"
+    return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"

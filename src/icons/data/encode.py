@@ -58,11 +58,9 @@ class Encoder:
         return ids + [self.assistant]
 
     def load_image(self, record: dict) -> np.ndarray | None:
-        if "image" not in record or record["image"] is None:
+        path = image_path(record, self.image_root)
+        if path is None:
             return None
-        path = Path(record["image"])
-        if self.image_root is not None and not path.is_absolute():
-            path = self.image_root / path
         with Image.open(path) as im:
             return pixels_uint8(im, self.image_size)
 
@@ -96,14 +94,26 @@ class Encoder:
             labels = [IGNORE] * len(ids)
         if pixels is None:
             pixels = self.load_image(record)
-        truncated = False
-        if len(ids) > self.max_length:
-            # Cut answer text from the end; image tokens are never cut (the image would be lost).
-            n_img = ids[: self.max_length].count(self.image_id)
-            if n_img != ids.count(self.image_id):
-                raise ValueError(f"record {record.get('id')!r}: prompt with image longer than max_length={self.max_length}")
-            ids, labels, truncated = ids[: self.max_length], labels[: self.max_length], True
-        return Encoded(ids, labels, pixels if self.image_id in ids else None, truncated)
+        return within_length(record, ids, labels, pixels, self.image_id, self.max_length)
+
+
+def image_path(record: dict, image_root: Path | None) -> Path | None:
+    """The record's image file (relative paths are under ``image_root``); None if text-only."""
+    if record.get("image") is None:
+        return None
+    path = Path(record["image"])
+    return image_root / path if image_root is not None and not path.is_absolute() else path
+
+
+def within_length(record: dict, ids: list[int], labels: list[int], pixels, image_id: int, max_length: int) -> Encoded:
+    """The encoded record within ``max_length``: answer text is cut from the end; image tokens are
+    never cut (the image would be lost), so a prompt with its image longer than that is an error."""
+    cut = len(ids) > max_length
+    if cut:
+        if ids[:max_length].count(image_id) != ids.count(image_id):
+            raise ValueError(f"record {record.get('id')!r}: prompt with image longer than max_length={max_length}")
+        ids, labels = ids[:max_length], labels[:max_length]
+    return Encoded(ids, labels, pixels if image_id in ids else None, cut)
 
 
 def collate(batch: list[Encoded], pad_id: int, left_pad: bool = False) -> dict[str, torch.Tensor]:

@@ -43,6 +43,8 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
+from .encode import image_path
+
 __all__ = [
     "BadInputError",
     "FILE_PROBLEM_KINDS",
@@ -393,10 +395,7 @@ class _Validator:
                 f"must be a non-empty path string, got {value!r}" if isinstance(value, str)
                 else f"must be a path string (one image per record), got {type(value).__name__}")
             return None
-        path = Path(value)
-        if self.image_root is not None and not path.is_absolute():
-            path = self.image_root / path
-        mode, kind, message = inspect_image(path)
+        mode, kind, message = inspect_image(image_path(rec, self.image_root))  # resolved as the encoder does
         if kind is not None:
             bad("image", kind, message)
         return mode

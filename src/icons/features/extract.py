@@ -27,7 +27,7 @@ import torch
 from ..data.encode import Encoder, collate
 from ..influence import (MERGE, adam_precondition, check_compatible, group_means, group_of, normalise_rows,
                          stream_scores)
-from ..io import ResourceError, atomic_write_bytes, human_bytes, read_json, save_npy, slow_point, slow_stage, write_json
+from ..io import ResourceError, human_bytes, read_json, save_npy, slow_point, slow_stage, write_json
 from .grads import PerExampleGrads
 from .projection import make_projection
 
@@ -64,14 +64,6 @@ def shard_plan(plan: list[list[int]], rank: int, world_size: int) -> list[list[i
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
     return plan[rank::world_size]
-
-
-def _save_mask(path: Path, mask: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, mask, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.encode import IGNORE, Encoded
+from ..data.encode import IGNORE, Encoded, image_path, within_length
 
 __all__ = [
     "DTYPES",
@@ -378,11 +378,9 @@ class Encoder:
         return ids, labels
 
     def load_image(self, record: dict) -> np.ndarray | None:
-        if record.get("image") is None:
+        path = image_path(record, self.image_root)
+        if path is None:
             return None
-        path = Path(record["image"])
-        if self.image_root is not None and not path.is_absolute():
-            path = self.image_root / path
         with Image.open(path) as im:
             return self.preprocess(im)
 
@@ -402,14 +400,7 @@ class Encoder:
         ids, labels = self._ids_labels(record, with_answer)
         if pixels is None and self.image_id in ids:
             pixels = self.load_image(record)
-        truncated = False
-        if len(ids) > self.max_length:
-            # cut answer text from the end; the image's tokens are never cut (the image would be lost)
-            if ids[: self.max_length].count(self.image_id) != ids.count(self.image_id):
-                raise ValueError(f"record {record.get('id')!r}: prompt with image longer than "
-                                 f"max_length={self.max_length}")
-            ids, labels, truncated = ids[: self.max_length], labels[: self.max_length], True
-        return Encoded(ids, labels, pixels if self.image_id in ids else None, truncated)
+        return within_length(record, ids, labels, pixels, self.image_id, self.max_length)
 
 
 def make_encoder(model_cfg: Any, tokenizer, image_root: str | Path | None = None) -> Encoder:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from icons import tracking
 
 
@@ -93,3 +95,16 @@ def test_disabled_mode_returns_usable_run(compose_cfg, tmp_path):
     tracking.log_files(run, "f", "data", [f])
     tracking.finish(run)
     assert not list(tmp_path.glob("wandb/offline-run-*"))
+
+
+def test_stage_run_finishes_the_run_even_when_the_stage_fails(compose_cfg, monkeypatch, tmp_path):
+    from icons import tracking
+
+    finished = []
+    monkeypatch.setattr(tracking, "start_run", lambda cfg, stage, run_dir=None: f"run-{stage}")
+    monkeypatch.setattr(tracking, "finish", lambda run, exit_code=None, flush_timeout=10.0: finished.append(run))
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.stage_run(compose_cfg(["logger=none"]), "warmup", tmp_path) as run:
+            assert run == "run-warmup"
+            raise RuntimeError("boom")
+    assert finished == ["run-warmup"]

@@ -286,15 +286,12 @@ def _log_to_wandb(run, out: Path, report: dict) -> None:
     kinds: dict[str, int] = {}
     for p in report["problems"]:
         kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
-    wrun = tracking.start_run(run.cfg, "check", run.run_dir)
-    try:
+    with tracking.stage_run(run.cfg, "check", run.run_dir) as wrun:
         tracking.log_summary(wrun, {"check/records": report["files"][0].get("records", 0),
                                     "check/problems": len(report["problems"]), "check/fatal": len(report["fatal"]),
                                     "check/truncated": len(report["truncated"]),
                                     **{f"check/problems/{k}": v for k, v in sorted(kinds.items())}})
         tracking.log_files(wrun, "check", "check", [out / "summary.json", out / "problems.jsonl"])
-    finally:
-        tracking.finish(wrun)
 
 
 # --------------------------------------------------------------------------- data stage, llava_json

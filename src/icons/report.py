@@ -73,10 +73,7 @@ def write_report(run) -> Path:
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(md) + "\n")
     write_json(run_dir / "report.json", {"columns": cols, "rows": rows, "wall_s": times, "composition": comp})
-    wrun = tracking.start_run(cfg, "report", run_dir)
-    try:
+    with tracking.stage_run(cfg, "report", run_dir) as wrun:
         tracking.log_table(wrun, "report", cols, rows)
         tracking.log_files(wrun, "report", "report", [path])
-    finally:
-        tracking.finish(wrun)
     return path

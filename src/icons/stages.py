@@ -275,15 +275,12 @@ def stage_warmup(run: Run) -> dict:
     model, tok = load_base(run)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are initialised at random
     model = add_lora(model, cfg.model.lora)
-    wrun = tracking.start_run(cfg, "warmup", run.run_dir)
-    try:
+    with tracking.stage_run(cfg, "warmup", run.run_dir) as wrun:
         ckpts = run_warmup(model, make_encoder(run, tok), [by_id[i] for i in ids], out, cfg.warmup.epochs,
                            cfg.warmup.batch_size, cfg.warmup.lr, cfg.seed, cfg.trainer)
         write_json(out / "ids.json", ids)
         tracking.log_summary(wrun, {"warmup/examples": len(ids), "warmup/checkpoints": len(ckpts)})
         tracking.log_files(wrun, "warmup", "warmup", [out / "ids.json", *sorted(out.glob("checkpoint-*"))])
-    finally:
-        tracking.finish(wrun)
     m = finish(out, key, t0, examples=len(ids), checkpoints=ckpts)
     print(f"[icons] warmup: {len(ids)} examples, {len(ckpts)} checkpoints in {m['wall_s']:.0f}s", flush=True)
     return _record(run, "warmup", m, out)
@@ -366,11 +363,8 @@ def stage_scores(run: Run) -> dict:
     write_json(out / "ids.json", ids)
     write_json(out / "tasks.json", tasks)
     write_json(out / "weights.json", dict(zip(fman["checkpoints"], (np.asarray(lrs) / sum(lrs)).tolist())))
-    srun = tracking.start_run(cfg, "scores", run.run_dir)
-    try:
+    with tracking.stage_run(cfg, "scores", run.run_dir) as srun:
         tracking.log_files(srun, "scores", "scores", [out / "task_scores.npy", out / "ids.json", out / "tasks.json"])
-    finally:
-        tracking.finish(srun)
     return _record(run, "scores", finish(out, key, t0, n=len(ids), tasks=tasks), out)
 
 
@@ -462,13 +456,10 @@ def stage_select(run: Run) -> dict:
         slow_point("select")  # crash-test hook (off unless ICONS_TEST_SLOW_STAGE=select)
         write_json(out / "ids.json", [ids[i] for i in idx])
         results[name] = finish(out, key, t0, selector=name, n=int(len(idx)), of=len(ids), **extra)
-        srun = tracking.start_run(cfg, f"select-{name}", run.run_dir)
-        try:
+        with tracking.stage_run(cfg, f"select-{name}", run.run_dir) as srun:
             tracking.log_summary(srun, {"select/n": int(len(idx)), **{f"select/votes_{k}": n for k, n in
                                                                        extra.get("selected_vote_histogram", {}).items()}})
             tracking.log_files(srun, f"selection-{name}", "selection", sorted(out.glob("*.npy")) + [out / "ids.json"])
-        finally:
-            tracking.finish(srun)
     return results
 
 
@@ -492,11 +483,8 @@ def stage_subset(run: Run) -> dict:
         t0 = time.time()
         stats = write_subset(pool, read_json(out / "ids.json"), meta, sub)
         results[name] = finish(sub, sel_key, t0, **stats)
-        srun = tracking.start_run(run.cfg, f"subset-{name}", run.run_dir)
-        try:
+        with tracking.stage_run(run.cfg, f"subset-{name}", run.run_dir) as srun:
             tracking.log_files(srun, f"subset-{name}", "subset", sorted(sub.glob("*.json")))
-        finally:
-            tracking.finish(srun)
     return results
 
 
@@ -555,12 +543,9 @@ def stage_train(run: Run) -> dict:
             _record(run, f"train/{name}", m, out)
             continue
         t0 = time.time()
-        trun = tracking.start_run(cfg, f"train-{name}", run.run_dir)
-        try:
+        with tracking.stage_run(cfg, f"train-{name}", run.run_dir) as trun:
             info = train_model(run, [by_id[i] for i in ids], out, trun)
             tracking.log_summary(trun, {f"train/{k}": v for k, v in info.items()})
-        finally:
-            tracking.finish(trun)
         results[name] = _record(run, f"train/{name}", finish(out, key, t0, selector=name, **info), out)
         print(f"[icons] trained {name}: {info['examples']} examples, loss {info['loss_first']:.3f} -> "
               f"{info['loss_last']:.3f} in {results[name]['wall_s']:.0f}s", flush=True)
@@ -600,8 +585,7 @@ def stage_eval(run: Run) -> dict:
             results[name] = _record(run, f"eval/{name}", m, out)
             continue
         t0 = time.time()
-        erun = tracking.start_run(cfg, f"eval-{name}", run.run_dir)
-        try:
+        with tracking.stage_run(cfg, f"eval-{name}", run.run_dir) as erun:
             metrics = evaluate_model(run, model_dir)
             # every generated answer, for error analysis (e.g. which letter an MC model always picks)
             write_jsonl(out / "predictions.jsonl",
@@ -609,8 +593,6 @@ def stage_eval(run: Run) -> dict:
             write_json(out / "metrics.json", metrics)
             tracking.log_summary(erun, {f"eval/{t}": v["score"] for t, v in metrics.items()})
             tracking.log_files(erun, f"eval-{name}", "eval", [out / "metrics.json", out / "predictions.jsonl"])
-        finally:
-            tracking.finish(erun)
         results[name] = _record(run, f"eval/{name}",
                                 finish(out, key, t0, scores={t: v["score"] for t, v in metrics.items()}), out)
         print(f"[icons] evaluated {name} in {results[name]['wall_s']:.0f}s: "

@@ -18,7 +18,8 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -167,6 +168,16 @@ def log_files(
         return None
     run.log_artifact(artifact, aliases=list(aliases) if aliases else None)
     return artifact
+
+
+@contextmanager
+def stage_run(cfg: Any, stage: str, run_dir: Optional[PathLike] = None) -> Iterator[Optional[Any]]:
+    """``start_run`` ... ``finish`` around a block: the run is finished even when the block raises."""
+    run = start_run(cfg, stage, run_dir)
+    try:
+        yield run
+    finally:
+        finish(run)
 
 
 def offline_dir(run: Optional[Any]) -> Optional[Path]:

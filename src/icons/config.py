@@ -347,11 +347,13 @@ class PretrainConfig:
     #: token_mean: captions carry the visual signal token by token (example_mean starved shape
     #: recognition: 26% vs 100% per caption shape word, measured on bases v2 vs v1)
     loss: str = "token_mean"
+    #: text-only examples before the mixed stream (a language-model phase, like Vicuna's pretraining)
+    lm_examples: int = 0
 
     def __post_init__(self) -> None:
         _check_choice(self, "loss", LOSS_CHOICES)
         _positive(self, "examples", "batch_size", "lr")
-        _non_negative(self, "seed")
+        _non_negative(self, "seed", "lm_examples")
         _check_range(self, "text_qa_fraction", 0.0, 1.0)
 
 

@@ -197,7 +197,7 @@ def base_recipe(cfg: DictConfig) -> dict:
             "image_size": m.image_size, "patch_size": m.patch_size, "vision_hidden": m.vision_hidden,
             "vision_layers": m.vision_layers, "text_hidden": m.text_hidden, "text_layers": m.text_layers,
             "text_heads": m.text_heads, "max_length": m.max_length, "loss": m.pretrain.loss,
-            "stream": STREAM_VERSION}
+            "stream": STREAM_VERSION, "lm_examples": m.pretrain.lm_examples}
 
 
 def resolve_base(cfg: DictConfig) -> Path:

@@ -24,7 +24,7 @@ import torch
 
 
 def _setup(n: int, seed: int = 0):
-    from omegaconf import OmegaConf
+    from types import SimpleNamespace
 
     from ..data.encode import Encoder
     from ..data.mini_llava.families import FAMILY_SHARES, make_record
@@ -41,8 +41,8 @@ def _setup(n: int, seed: int = 0):
         tok = tiny_llava.build_tokenizer(tokenizer_corpus())
         model = tiny_llava.build_model(tok)
     torch.manual_seed(seed)
-    lora = OmegaConf.create({"r": 16, "alpha": 32, "dropout": 0.0,
-                             "target_modules": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"})
+    lora = SimpleNamespace(r=16, alpha=32, dropout=0.0,
+                           target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
     model = add_lora(model, lora)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -78,29 +78,33 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--projection", default="rademacher", choices=["rademacher", "kronecker"],
                     help="icons' projection (the reference always uses the dense one)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (every variant runs there)")
     a = ap.parse_args(argv)
     torch.set_flush_denormal(True)
+    dev = torch.device(a.device)
     model, tok, items = _setup(a.examples)
+    model.to(dev)
     pad = tok.pad_token_id
     # length-bucketed batches (extract's batch_plan), for icons and the training step alike; the
     # reference runs one example at a time (no padding)
     plan = batch_plan([len(e.input_ids) for e in items], a.batch_size)
-    batches = [collate([items[i] for i in idx], pad) for idx in plan]
+    batches = [{k: v.to(dev) for k, v in collate([items[i] for i in idx], pad).items()} for idx in plan]
     padded = sum(b["input_ids"].numel() for b in batches)
     real = sum(len(e.input_ids) for e in items)
     with PerExampleGrads(model) as pe:
         dim_in = pe.dim
         layout = [(n, tuple(p.shape)) for n, p in pe.params]
     proj = make_projection(a.projection, dim_in, a.dim, 0, layout=layout)
-    m = torch.zeros(dim_in)
-    v = torch.full((dim_in,), 1e-8)
+    m = torch.zeros(dim_in, device=dev)
+    v = torch.full((dim_in,), 1e-8, device=dev)
     sizes = [o * i for _, (o, i) in layout]
     mv = {n: (mm.view(shape), vv.view(shape)) for (n, shape), mm, vv in
           zip(layout, torch.split(m, sizes), torch.split(v, sizes))}
 
     def make_dense():
-        return torch.randint(0, 2, (dim_in, a.dim), generator=torch.Generator().manual_seed(0),
-                             dtype=torch.int8).float() * 2 - 1
+        # generated where it is used (on a GPU: a device generator, as a GPU reference would)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        return torch.randint(0, 2, (dim_in, a.dim), generator=gen, dtype=torch.int8, device=dev).float() * 2 - 1
 
     dense_once = make_dense()
 
@@ -127,18 +131,26 @@ def main(argv=None) -> None:
             opt.zero_grad(set_to_none=True)
         model.eval()
 
-    ours()  # warm caches (the projection's int8 blocks, allocator)
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    ours()  # warm caches (the projection's int8 blocks, allocator, CUDA kernels)
+    train_step()
     times = {"reference": [], "reference_regen": [], "icons": [], "train_step": []}
     for _ in range(a.repeats):
         for name, fn in (("reference", lambda: reference(dense_once)), ("reference_regen", reference),
                          ("icons", ours), ("train_step", train_step)):
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     per_ex = {k: 1000 * v / a.examples for k, v in med.items()}
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu threads={torch.get_num_threads()}"
     print(f"examples={a.examples} batch={a.batch_size} grad_dim={dim_in} proj_dim={a.dim} projection={a.projection} "
-          f"threads={torch.get_num_threads()} padding={1 - real / padded:.1%}")
+          f"device={where} padding={1 - real / padded:.1%}")
     for k in times:
         print(f"  {k:<15} median {med[k]:.3f}s  ({per_ex[k]:.2f} ms/example)  runs={[round(x, 3) for x in times[k]]}")
     print(f"speedup_vs_reference={med['reference'] / med['icons']:.2f} "

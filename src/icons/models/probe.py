@@ -34,6 +34,41 @@ def _word_kinds(tok) -> dict[int, str]:
     return kinds
 
 
+def context_items(enc: Encoder, n: int, rng: random.Random) -> list[tuple[str, object]]:
+    """``n`` text-only "Context : <caption> Question : <q>" items as (skill, encoded)."""
+    items = []
+    while len(items) < n:
+        spec = sample_scene(rng) if rng.random() < 0.85 else sample_sign(rng, "eval")
+        skill = rng.choice(skills_for(spec))
+        qa = ask(spec, skill, rng)
+        if qa is not None:
+            q = CONTEXT_TEMPLATE.format(caption=caption(spec), question=qa.question)
+            items.append((skill, enc.encode({"conversations": [{"from": "human", "value": q},
+                                                               {"from": "gpt", "value": qa.answer}]})))
+    return items
+
+
+def _predicted(model, tok, items):
+    batch = collate(items, tok.pad_token_id)
+    device = next(model.parameters()).device
+    labels = batch.pop("labels")[:, 1:].to(device)
+    return model(**{k: v.to(device) for k, v in batch.items()}).logits[:, :-1].argmax(-1), labels
+
+
+@torch.no_grad()
+def context_accuracy(model, tok, items, batch_size: int = 100) -> dict[str, float]:
+    """{'context_<skill>': % of items whose whole answer is predicted right (teacher-forced)}."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    model.eval()
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        pred, labels = _predicted(model, tok, [e for _, e in chunk])
+        whole = ((pred == labels) | (labels == IGNORE)).all(1)
+        for (skill, _), ok in zip(chunk, whole.tolist()):
+            hits[f"context_{skill}"].append(ok)
+    return {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}
+
+
 @torch.no_grad()
 def probe(model, tok, n: int = 300, seed: int = 999, batch_size: int = 100) -> dict[str, float]:
     """{'caption_color': %, ..., 'context_color': %, ...} on ``n`` fresh items of each kind."""
@@ -41,15 +76,8 @@ def probe(model, tok, n: int = 300, seed: int = 999, batch_size: int = 100) -> d
     patch = model.config.vision_config.patch_size
     enc = Encoder(tok, tiny_llava.n_image_tokens(image_size, patch), image_size, max_length=256)
     rng = random.Random(seed)
-    context, captions = [], []
-    while len(context) < n:
-        spec = sample_scene(rng) if rng.random() < 0.85 else sample_sign(rng, "eval")
-        skill = rng.choice(skills_for(spec))
-        qa = ask(spec, skill, rng)
-        if qa is not None:
-            q = CONTEXT_TEMPLATE.format(caption=caption(spec), question=qa.question)
-            context.append((skill, enc.encode({"conversations": [{"from": "human", "value": q},
-                                                                 {"from": "gpt", "value": qa.answer}]})))
+    context = context_items(enc, n, rng)
+    captions = []
     for i in range(n):
         spec = sample_scene(rng) if i % 3 else sample_sign(rng, "eval")
         rec = {"conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly ."},
@@ -58,22 +86,13 @@ def probe(model, tok, n: int = 300, seed: int = 999, batch_size: int = 100) -> d
     kinds = _word_kinds(tok)
     hits: dict[str, list[bool]] = defaultdict(list)
     model.eval()
-
-    def predicted(items):
-        batch = collate(items, tok.pad_token_id)
-        labels = batch.pop("labels")[:, 1:]
-        return model(**batch).logits[:, :-1].argmax(-1), labels
-
     for s in range(0, n, batch_size):
-        pred, labels = predicted([e for _, e in context[s:s + batch_size]])
-        whole = ((pred == labels) | (labels == IGNORE)).all(1)
-        for (skill, _), ok in zip(context[s:s + batch_size], whole.tolist()):
-            hits[f"context_{skill}"].append(ok)
-        pred, labels = predicted(captions[s:s + batch_size])
+        pred, labels = _predicted(model, tok, captions[s:s + batch_size])
         for p, t in zip(pred.flatten().tolist(), labels.flatten().tolist()):
             if t in kinds:
                 hits[f"caption_{kinds[t]}"].append(p == t)
-    return {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}
+    out = {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}
+    return {**out, **context_accuracy(model, tok, context, batch_size)}
 
 
 def main(argv=None) -> None:

@@ -10,6 +10,9 @@ trivia (arithmetic, shape and colour facts). Digits come from the pool's half of
 Why (d): a 4-layer LM given only (b) stays near "pick any colour mentioned" for 300k examples; the
 copy task makes it form induction (look-up) heads within about a thousand steps, and lettered
 choices need exactly that look-up (measured while designing stream version 3).
+Stream version 4 adds (f) "facts": the same look-up in its simplest form ("Facts : red square .
+blue circle . Question : What color is the circle ?"), which a 4-layer LM learns far sooner than
+the caption format and which then carries over to it.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from collections.abc import Iterator
 from .language import ask, caption, skills_for, text_only_qa
 from .scenes import COLORS, SHAPES, sample_degraded, sample_scene, sample_sign
 
-#: bump when the stream changes: the base recipe (and so the cached base's key) includes it
+#: bump when the stream changes: the base recipe (and so the cached base's key) includes it.
+#: Every version in TEXT_MIXES can still be generated (a recipe names the one it was made with).
 STREAM_VERSION = 3
 DESCRIBE_PROMPTS = ("Describe the image briefly .", "What is in the image ?", "Give a brief description of the image .")
 CONTEXT_TEMPLATE = "Context : {caption} Question : {question}"
@@ -27,8 +31,11 @@ CHOICE_TEMPLATE = "Context : {caption} Question : {question} Candidates : {candi
 COPY_TEMPLATE = "Repeat the words : {words}"
 COPY_WORDS = list(COLORS) + SHAPES + ["top", "bottom", "left", "right", "small", "large", "sign", "number",
                                       "object", "yes", "no"] + [str(d) for d in range(10)]
-# Shares of the text-only part of the stream.
-TEXT_MIX = {"context_qa": 0.6, "choice": 0.16, "copy": 0.14, "trivia": 0.10}
+FACTS_TEMPLATE = "Facts : {facts} Question : {question}"
+# Shares of the text-only part of the stream, per stream version.
+TEXT_MIXES = {3: {"context_qa": 0.6, "choice": 0.16, "copy": 0.14, "trivia": 0.10},
+              4: {"context_qa": 0.5, "facts": 0.1, "choice": 0.16, "copy": 0.14, "trivia": 0.10}}
+TEXT_MIX = TEXT_MIXES[STREAM_VERSION]
 
 
 def _image_spec(rng: random.Random) -> dict:
@@ -51,9 +58,23 @@ def _text(q: str, a: str) -> list[dict]:
     return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
 
 
-def text_example(rng: random.Random) -> list[dict]:
+def facts_example(rng: random.Random) -> list[dict]:
+    """The simplest look-up: 1-4 objects of distinct shapes and colours, one asked about."""
+    n = rng.randint(1, 4)
+    shapes, colors = rng.sample(SHAPES, n), rng.sample(list(COLORS), n)
+    facts = " ".join(f"{c} {s} ." for c, s in zip(colors, shapes))
+    k = rng.randrange(n)
+    if rng.random() < 0.5:
+        return _text(FACTS_TEMPLATE.format(facts=facts, question=f"What color is the {shapes[k]} ?"), colors[k])
+    return _text(FACTS_TEMPLATE.format(facts=facts, question=f"What shape is the {colors[k]} object ?"), shapes[k])
+
+
+def text_example(rng: random.Random, version: int = STREAM_VERSION) -> list[dict]:
     """One text-only stage-1 conversation (the 'pretrained LLM' part of the stream)."""
-    kind = rng.choices(list(TEXT_MIX), list(TEXT_MIX.values()))[0]
+    mix = TEXT_MIXES[version]
+    kind = rng.choices(list(mix), list(mix.values()))[0]
+    if kind == "facts":
+        return facts_example(rng)
     if kind == "trivia":
         return _text(*text_only_qa(rng))
     if kind == "copy":
@@ -76,17 +97,24 @@ def text_example(rng: random.Random) -> list[dict]:
     return turns
 
 
-def base_example(rng: random.Random, text_qa_fraction: float) -> dict:
+def base_example(rng: random.Random, text_qa_fraction: float, version: int = STREAM_VERSION) -> dict:
     """One stage-1 example as a LLaVA record with an image spec in '_spec' (None if text-only)."""
     if rng.random() < text_qa_fraction:
-        return {"_spec": None, "conversations": text_example(rng)}
+        return {"_spec": None, "conversations": text_example(rng, version)}
     spec = _image_spec(rng)
     return {"_spec": spec, "conversations": [
         {"from": "human", "value": "<image>\n" + rng.choice(DESCRIBE_PROMPTS)},
         {"from": "gpt", "value": caption(spec)}]}
 
 
-def base_stream(seed: int, text_qa_fraction: float) -> Iterator[dict]:
+def base_stream(seed: int, text_qa_fraction: float, version: int = STREAM_VERSION,
+                lm_examples: int = 0) -> Iterator[dict]:
+    """The stage-1 stream: ``lm_examples`` text-only examples first (a language-model phase, as
+    Vicuna is a trained LLM before LLaVA's stage 1), then the mixed stream."""
+    if version not in TEXT_MIXES:
+        raise ValueError(f"unknown stage-1 stream version {version}; known: {sorted(TEXT_MIXES)}")
     rng = random.Random(seed)
+    for _ in range(lm_examples):
+        yield base_example(rng, 1.0, version)
     while True:
-        yield base_example(rng, text_qa_fraction)
+        yield base_example(rng, text_qa_fraction, version)

@@ -404,7 +404,7 @@ def test_experiment_llava_20pct_composes(compose_cfg, tmp_path):
 def test_experiment_llava_13b_transfer_composes(compose_cfg, tmp_path):
     obj = validate(compose_cfg(["+experiment=llava_13b_transfer", f"selection.from_run={tmp_path}"]))
     assert obj.model.name == "llava_1_5_13b" and obj.model.llm_path.endswith("vicuna-13b-v1.5")
-    assert obj.stages == ["check", "data", "base", "select", "subset", "train", "eval", "report"]
+    assert obj.stages == ["check", "data", "base", "select", "subset", "train", "export", "eval", "report"]
     assert obj.selection.from_run == str(tmp_path) and obj.experiment_name == "llava_13b_transfer"
     assert (obj.train.mode, obj.train.lr, obj.data.kind) == ("lora", 2e-4, "llava_json")  # from llava_20pct
 

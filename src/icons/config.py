@@ -44,6 +44,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "ExportConfig",
     "ConsensusConfig",
     "ProjectionConfig",
     "GradientConfig",
@@ -51,6 +52,7 @@ __all__ = [
     "FieldError",
     "GROUP_SCHEMAS",
     "KNOWN_STAGES",
+    "LMMS_EVAL_TASKS",
     "LoggerConfig",
     "LoraConfig",
     "ModelConfig",
@@ -261,6 +263,7 @@ KNOWN_STAGES: tuple[str, ...] = (
     "select",
     "subset",
     "train",
+    "export",
     "eval",
     "report",
 )
@@ -310,6 +313,22 @@ DEFAULT_TASKS: tuple[str, ...] = (
     "mmbench_en",
     "mmbench_cn",
     "llavaw",
+)
+
+#: lmms-eval's task names for the paper's ten benchmarks, in DEFAULT_TASKS's order. Local-scoring
+#: splits: VQAv2 val, VizWiz val and MMBench dev (the test splits are scored by submission servers);
+#: llava_in_the_wild is judged by GPT-4.
+LMMS_EVAL_TASKS: tuple[str, ...] = (
+    "vqav2_val",
+    "gqa",
+    "vizwiz_vqa_val",
+    "scienceqa_img",
+    "textvqa_val",
+    "pope",
+    "mme",
+    "mmbench_en_dev",
+    "mmbench_cn_dev",
+    "llava_in_the_wild",
 )
 
 
@@ -559,6 +578,29 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Root key ``export``: the ``export`` stage, merged HF LLaVA checkpoints of the trained models
+    for lmms-eval's ``llava_hf`` and the command that evaluates them (``export.py``)."""
+
+    #: which trained models (names as in ``selectors``); null = every one
+    selectors: Optional[List[str]] = None
+    #: lmms-eval task names written into the command
+    lmms_tasks: List[str] = field(default_factory=lambda: list(LMMS_EVAL_TASKS))
+    #: ``accelerate launch --num_processes`` of the command (one process per GPU)
+    num_processes: int = 1
+
+    def __post_init__(self) -> None:
+        if self.selectors is not None:
+            _check_str_list(self, "selectors")
+            for sel in self.selectors:
+                if sel not in SELECTOR_CHOICES:
+                    raise FieldError("selectors", self.selectors,
+                                     f"contains unknown selector {sel!r}; known: {', '.join(SELECTOR_CHOICES)}")
+        _check_str_list(self, "lmms_tasks")
+        _positive(self, "num_processes")
+
+
+@dataclass
 class SelectionConfig:
     """Root key ``selection``: how much of the pool every selector keeps."""
 
@@ -653,6 +695,7 @@ class RootConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     gradient: GradientConfig = field(default_factory=GradientConfig)
@@ -674,6 +717,11 @@ class RootConfig:
             if sel not in SELECTOR_CHOICES:
                 raise FieldError("selectors", self.selectors,
                                  f"contains unknown selector {sel!r}; known: {', '.join(SELECTOR_CHOICES)}")
+        if self.export.selectors is not None:
+            for sel in self.export.selectors:
+                if sel not in self.selectors:
+                    raise FieldError("export.selectors", self.export.selectors,
+                                     f"contains {sel!r}, which is not in selectors={_fmt(self.selectors)}")
         _check_nonempty_str(self, "cache_dir", "experiment_name")
         if not _unresolved(self.experiment_name) and "/" in self.experiment_name or self.experiment_name in (".", ".."):
             raise FieldError("experiment_name", self.experiment_name, "must be a plain name (no '/')")

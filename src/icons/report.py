@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import tracking
 from .evaluate import relative
+from .export import INFO
 from .io import atomic_write_text, read_json, write_json
 
 
@@ -33,6 +34,26 @@ def score_table(tasks: list[str], scores: dict[str, dict[str, float]], chance: d
 
 def _md_table(cols, rows) -> list[str]:
     return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def exports(stages: dict) -> dict[str, dict]:
+    """name -> path and lmms-eval command of each checkpoint the export stage wrote."""
+    out = {}
+    for k, v in stages.items():
+        if k.startswith("export/"):
+            info = read_json(Path(v["path"]) / INFO)
+            out[k.split("/", 1)[1]] = {"path": v["path"], "dtype": info["dtype"], "lmms_eval": info["lmms_eval"]}
+    return out
+
+
+def export_lines(exported: dict[str, dict]) -> list[str]:
+    if not exported:
+        return []
+    md = ["", "Merged HF checkpoints for lmms-eval's `llava_hf` and the command that evaluates each on the "
+              "paper's ten benchmarks (also in `<checkpoint>/lmms_eval.sh`):", ""]
+    for name, e in exported.items():
+        md += [f"- {name} ({e['dtype']}): `{e['path']}`", "", "  ```bash", f"  {e['lmms_eval']}", "  ```", ""]
+    return md
 
 
 def write_report(run) -> Path:
@@ -67,12 +88,15 @@ def write_report(run) -> Path:
         crow += [[n, *[f"{c['subset']['family'].get(f, 0):.3f}" for f in fams], f"{c['subset']['label_noise']:.3f}",
                   f"{c['subset']['duplicates']:.3f}"] for n, c in comp.items()]
         md += _md_table(["subset", *fams, "label_noise", "duplicates"], crow)
+    exported = exports(stages)
+    md += export_lines(exported)
     times = {k: v["wall_s"] for k, v in stages.items()}
     md += ["", "Wall time per stage (seconds, when first computed; shared results are reused):", ""]
     md += _md_table(["stage", "wall_s"], [[k, f"{v:.1f}"] for k, v in times.items()])
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(md) + "\n")
-    write_json(run_dir / "report.json", {"columns": cols, "rows": rows, "wall_s": times, "composition": comp})
+    write_json(run_dir / "report.json", {"columns": cols, "rows": rows, "wall_s": times, "composition": comp,
+                                          "exports": exported})
     with tracking.stage_run(cfg, "report", run_dir) as wrun:
         tracking.log_table(wrun, "report", cols, rows)
         tracking.log_files(wrun, "report", "report", [path])

@@ -552,6 +552,29 @@ def stage_train(run: Run) -> dict:
     return results
 
 
+# ---------------------------------------------------------------- step 6a: evaluation hand-off
+def stage_export(run: Run) -> dict:
+    """Each trained model as a merged HF LLaVA checkpoint for lmms-eval's ``llava_hf``, with the
+    command that evaluates it on the paper's ten benchmarks (``export.py``); shared like the model."""
+    from .export import FORMAT, export_trained, model_image_processor
+
+    cfg = run.cfg
+    wanted = cfg.export.selectors if cfg.export.selectors is not None else cfg.selectors
+    trained = read_json(run.run_dir / "stages.json")
+    results = {}
+    for name in [icons_name(cfg) if s == "icons" else s for s in wanted]:
+        if f"train/{name}" not in trained:
+            raise FileNotFoundError(f"no trained model {name!r} in {run.run_dir}: run the train stage first")
+        key = config_hash({"train": trained[f"train/{name}"]["key"], "format": FORMAT})  # train's key covers the model
+        out = run.shared("export", name, key)
+        info = export_trained(stage_path(run, f"train/{name}") / "model", out, key, cfg.model.template,
+                              model_image_processor(cfg.model), base=lambda: load_base(run),
+                              tasks=list(cfg.export.lmms_tasks), num_processes=cfg.export.num_processes)
+        results[name] = _record(run, f"export/{name}", info, out)
+        print(f"[icons] exported {name} ({info['dtype']}) to {out}; evaluate with:\n  {info['lmms_eval']}", flush=True)
+    return results
+
+
 # ---------------------------------------------------------------- step 6b: evaluate
 def evaluate_model(run: Run, model_dir: Path | None) -> dict:
     from .data.mini_llava import LONG_ANSWER_TASKS
@@ -620,7 +643,7 @@ def stage_check(run: Run) -> dict:
 STAGES = {"check": stage_check, "data": stage_data, "base": stage_base, "warmup": stage_warmup,
           "features": stage_features,
           "scores": stage_scores, "select": stage_select, "subset": stage_subset, "train": stage_train,
-          "eval": stage_eval, "report": stage_report}
+          "export": stage_export, "eval": stage_eval, "report": stage_report}
 
 
 def run_stages(cfg: DictConfig, run_dir: Path, study_dir: Path | None = None) -> dict:

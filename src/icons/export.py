@@ -1,0 +1,368 @@
+"""Evaluation hand-off: a trained model -> a merged HF LLaVA checkpoint for lmms-eval's ``llava_hf``.
+
+lmms-eval's ``llava_hf`` model (``lmms_eval/models/simple/llava_hf.py``) loads the directory with
+``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained``, uses the
+processor's tokenizer, puts ``"<image>\\n"`` before each question and formats it with the
+tokenizer's chat template as one user message whose content is a *string* (its own Vicuna template
+only when the tokenizer has none); the processor then expands every ``<image>`` to the model's
+number of image tokens and preprocesses the image. An export therefore holds:
+
+- the model with its LoRA merged into the base weights (peft ``merge_and_unload``), in the dtype it
+  was trained in;
+- the tokenizer and a ``LlavaProcessor`` whose ``patch_size`` and ``vision_feature_select_strategy``
+  are the model's, ``num_additional_image_tokens=1`` (the CLIP tower's CLS, which ``default`` drops)
+  and one chat template, shared by tokenizer and processor, that reproduces the prompt the model was
+  trained on (``vicuna_v1``: LLaVA-1.5's; ``tiny``: the tiny model's) for string and list contents;
+- the image processor of that template: ``vicuna_v1`` pads to a square with the mean colour, then
+  resizes and centre-crops (LLaVA-1.5's ``image_aspect_ratio=pad``); ``tiny`` resizes to the
+  model's size (``tiny_llava.pixels_uint8``);
+- ``icons_export.json`` (key, source, template, dtype) and ``lmms_eval.sh``: the command that
+  evaluates the checkpoint on the paper's ten benchmarks.
+
+The directory is written under a temporary name and renamed when complete; an existing directory is
+reused when it holds the same export (same key) and refused otherwise.
+
+    python -m icons.export TRAINED_MODEL_DIR OUT_DIR [--template vicuna_v1] [--vision CLIP_DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .config import LMMS_EVAL_TASKS
+from .io import atomic_write_text, config_hash, read_json, write_json
+
+INFO = "icons_export.json"
+COMMAND = "lmms_eval.sh"
+#: bump when the exported files change meaning (part of every export's key)
+FORMAT = "icons-llava-hf-1"
+
+
+class ExportExists(FileExistsError):
+    """The output directory holds something else. ``str(err)`` is one line."""
+
+
+# ---------------------------------------------------------------- prompt and images
+def _content(var: str) -> str:
+    """Jinja expression of a message's text: a string as it is (lmms-eval's, with its own
+    ``<image>\\n``), or a list of parts with the images first, as LLaVA moves them."""
+    images = f"({var} | selectattr('type', 'equalto', 'image') | list | length)"
+    texts = f"({var} | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' '))"
+    return f"({var} if {var} is string else '<image>\\n' * {images} ~ {texts})"
+
+
+def chat_template(system: str, bos: bool) -> str:
+    """``[<s>][SYSTEM ]USER: q ASSISTANT: a</s>USER: q2 ASSISTANT:`` (vicuna_v1's ``SeparatorStyle.TWO``;
+    the tiny model's is the same without a system prompt). A system message replaces ``system``.
+    ``bos``: write ``<s>`` when the tokenizer does not add it itself."""
+    return "".join([
+        "{% set ns = namespace(system=" + json.dumps(system) + ") %}",
+        "{% for m in messages if m['role'] == 'system' %}{% set ns.system = " + _content("m['content']") + " %}"
+        "{% endfor %}",
+        "{{ bos_token }}" if bos else "",
+        "{% if ns.system %}{{ ns.system }} {% endif %}",
+        "{% for m in messages if m['role'] != 'system' %}",
+        "{% if m['role'] == 'user' %}USER: {{ " + _content("m['content']") + " }} ",
+        "{% else %}ASSISTANT: {{ " + _content("m['content']") + " }}{{ eos_token }}{% endif %}",
+        "{% endfor %}",
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
+    ])
+
+
+def adds_bos(tokenizer) -> bool:
+    ids = tokenizer.encode("a", add_special_tokens=True)
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def template_for(template: str, tokenizer) -> str:
+    from .models.llava15 import SYSTEM
+
+    if template not in ("tiny", "vicuna_v1"):
+        raise ValueError(f"template {template!r} is not one of tiny, vicuna_v1")
+    return chat_template(SYSTEM if template == "vicuna_v1" else "", bos=not adds_bos(tokenizer))
+
+
+def image_processor_for(template: str, image_size: int, clip=None):
+    """The evaluation image processor of a template. ``vicuna_v1``: ``clip`` (the vision tower's
+    CLIP image processor) with LLaVA-1.5's pad to a square first; ``tiny``: a plain resize to
+    ``image_size`` with the tiny model's mean/std 0.5."""
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    if template == "tiny":
+        return CLIPImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                                     resample=PILImageResampling.BICUBIC, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    if clip is None:
+        raise ValueError("template vicuna_v1 needs the vision tower's CLIP image processor")
+    d = clip.to_dict()
+    keys = ("size", "crop_size", "image_mean", "image_std", "resample", "do_resize", "do_center_crop", "do_rescale",
+            "rescale_factor", "do_normalize", "do_convert_rgb")
+    return LlavaImageProcessorPil(**{k: d[k] for k in keys if k in d}, do_pad=True)
+
+
+def model_image_processor(model_cfg):
+    """The evaluation image processor of a ``model`` config (kind llava_1_5: the tower's; hf_llava
+    with vicuna_v1: the checkpoint's)."""
+    if model_cfg.get("template", "tiny") == "tiny":
+        return image_processor_for("tiny", int(model_cfg.image_size))
+    from .models.llava15 import image_processor
+
+    src = model_cfg.vision_path if model_cfg.kind == "llava_1_5" else model_cfg.path
+    return image_processor_for("vicuna_v1", int(model_cfg.image_size), image_processor(src, int(model_cfg.image_size)))
+
+
+def build_processor(model, tokenizer, image_processor, template: str):
+    """The ``LlavaProcessor`` lmms-eval loads (its ``<image>`` id checked against the model's).
+    The tokenizer gets the same chat template: lmms-eval formats prompts with the tokenizer's."""
+    from transformers import LlavaProcessor
+
+    cfg = model.config
+    if cfg.vision_config.model_type != "clip_vision_model":
+        raise ValueError(f"export supports CLIP vision towers, not {cfg.vision_config.model_type!r}")
+    tokenizer.chat_template = template_for(template, tokenizer)
+    proc = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                          patch_size=cfg.vision_config.patch_size,
+                          vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                          num_additional_image_tokens=1, chat_template=tokenizer.chat_template)
+    if proc.image_token_id != cfg.image_token_id:
+        raise ValueError(f"the tokenizer's {proc.image_token!r} is id {proc.image_token_id}, the model's "
+                         f"image_token_id is {cfg.image_token_id}")
+    return proc
+
+
+def image_tokens(processor) -> int:
+    """How many tokens one ``<image>`` becomes (for a blank non-square picture)."""
+    from PIL import Image
+
+    ids = processor(text="<image>", images=Image.new("RGB", (48, 40)), return_tensors="np")["input_ids"][0]
+    return int((ids == processor.image_token_id).sum())
+
+
+def expected_image_tokens(model) -> int:
+    vc = model.config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    return n + (1 if model.config.vision_feature_select_strategy == "full" else 0)  # 'full' keeps CLS
+
+
+# ---------------------------------------------------------------- loading a trained model
+def load_llava(path: str | Path, dtype="auto"):
+    """(model, tokenizer) of an HF LLaVA directory, in the dtype it was saved in."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    model, info = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    if info.get("missing_keys"):
+        raise ValueError(f"{path}: weights missing from the checkpoint: {sorted(info['missing_keys'])[:8]}")
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def load_trained(path: str | Path, base: Callable[[], tuple] | None = None):
+    """(model, tokenizer) of a trained model directory: a full LLaVA checkpoint (what the ``train``
+    stage writes, LoRA already merged) or a peft LoRA adapter, loaded onto ``base()`` (else onto its
+    ``base_model_name_or_path`` when that is a local directory) and left unmerged."""
+    from peft import PeftModel
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        return load_llava(path)
+    if base is None:
+        src = read_json(path / "adapter_config.json").get("base_model_name_or_path")
+        if not src or not (Path(src) / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a LoRA adapter and its base {src!r} is not a local model "
+                                    f"directory; give the base (--base DIR)")
+        base = lambda: load_llava(src)  # noqa: E731
+    model, tok = base()
+    if (path / "tokenizer_config.json").is_file():  # the adapter's own (e.g. with <image> added)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    return PeftModel.from_pretrained(model, path), tok
+
+
+def merged(model):
+    """The plain ``LlavaForConditionalGeneration``: LoRA folded into the weights (in place)."""
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    if not isinstance(model, LlavaForConditionalGeneration):
+        raise TypeError(f"expected a LlavaForConditionalGeneration (or a peft model of one), got "
+                        f"{type(model).__name__}")
+    return model
+
+
+# ---------------------------------------------------------------- writing
+def existing(out: Path, key: str) -> dict | None:
+    """The info of the same export already at ``out``; None if ``out`` is absent or empty."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    info = out / INFO
+    if info.is_file() and read_json(info).get("key") == key:
+        return read_json(info)
+    what = f"another export (of {read_json(info).get('source')})" if info.is_file() else "files that are not an export"
+    raise ExportExists(f"{out} already holds {what}; remove it or choose another output directory")
+
+
+def _write_atomic(out: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename ``tmp`` -> ``out``: a reader sees the whole export or none."""
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():  # left by an interrupted export
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.is_dir():
+        out.rmdir()  # empty: existing() refused anything else
+    os.rename(tmp, out)
+
+
+def dtype_name(model) -> str:
+    return str(model.dtype).removeprefix("torch.")
+
+
+def export(model, tokenizer, image_processor, out: str | Path, template: str, key: str, source: str = "") -> dict:
+    """Write the merged checkpoint of ``model`` (a peft LoRA model is merged in place) to ``out``.
+
+    Returns the export's info (``icons_export.json``). Same ``key`` already there: nothing is
+    written; anything else there: :class:`ExportExists`."""
+    out = Path(out)
+    if (info := existing(out, key)) is not None:
+        return info
+    t0 = time.time()
+    model = merged(model).eval()
+    proc = build_processor(model, tokenizer, image_processor, template)
+    n, want = image_tokens(proc), expected_image_tokens(model)
+    if n != want:
+        raise ValueError(f"the processor expands <image> to {n} tokens, the model makes {want} image features")
+    info = {"key": key, "format": FORMAT, "source": source, "template": template, "dtype": dtype_name(model),
+            "image_tokens": n}
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        proc.save_pretrained(tmp)  # tokenizer, image processor, chat template
+        write_json(tmp / INFO, dict(info, wall_s=round(time.time() - t0, 2)))
+
+    _write_atomic(out, write)
+    return read_json(out / INFO)
+
+
+# ---------------------------------------------------------------- the lmms-eval command
+def default_output_path(model_dir: Path) -> Path:
+    return model_dir.with_name(model_dir.name + ".lmms_eval")
+
+
+def lmms_eval_command(model_dir: str | Path, output_path: str | Path, tasks: Sequence[str] = LMMS_EVAL_TASKS,
+                      dtype: str = "bfloat16", num_processes: int = 1) -> str:
+    """``accelerate launch -m lmms_eval --model llava_hf ...`` for an exported directory (llava_hf
+    generates with batch size 1 only)."""
+    model_dir = Path(model_dir).resolve()
+    if "," in str(model_dir):  # model_args is a comma-separated key=value list
+        raise ValueError(f"{model_dir}: lmms-eval's --model_args cannot hold a path with a comma")
+    return shlex.join(["accelerate", "launch", f"--num_processes={int(num_processes)}", "-m", "lmms_eval",
+                       "--model", "llava_hf", "--model_args", f"pretrained={model_dir},dtype={dtype}",
+                       "--tasks", ",".join(tasks), "--batch_size", "1", "--log_samples",
+                       "--output_path", str(Path(output_path).resolve())])
+
+
+def write_command(out: Path, tasks: Sequence[str] = LMMS_EVAL_TASKS, num_processes: int = 1,
+                  output_path: str | Path | None = None) -> str:
+    """Write ``lmms_eval.sh`` into the export (and the command into its info); returns the command."""
+    info = read_json(out / INFO)
+    cmd = lmms_eval_command(out, output_path or default_output_path(out), tasks, info["dtype"], num_processes)
+    atomic_write_text(out / COMMAND, "#!/bin/sh\n# lmms-eval's llava_hf on this merged checkpoint (icons.export). "
+                      "llava_in_the_wild is judged by GPT-4: it needs OPENAI_API_KEY.\n" + cmd + "\n")
+    os.chmod(out / COMMAND, 0o755)
+    if info.get("lmms_eval") != cmd:
+        write_json(out / INFO, dict(info, lmms_eval=cmd))
+    return cmd
+
+
+def export_trained(trained: str | Path, out: str | Path, key: str, template: str, image_processor,
+                   base: Callable[[], tuple] | None = None, tasks: Sequence[str] = LMMS_EVAL_TASKS,
+                   num_processes: int = 1, output_path: str | Path | None = None) -> dict:
+    """:func:`export` of a trained model directory (:func:`load_trained`) plus its lmms-eval
+    command; the model is loaded only when the export is not there yet."""
+    out = Path(out)
+    if existing(out, key) is None:
+        model, tok = load_trained(trained, base)
+        export(model, tok, image_processor, out, template, key, source=str(Path(trained).resolve()))
+    write_command(out, tasks, num_processes, output_path)
+    return read_json(out / INFO)
+
+
+# ---------------------------------------------------------------- CLI
+def fingerprint(path: str | Path) -> str:
+    """A directory's identity without reading its weights: path, names, sizes, modification times."""
+    p = Path(path).resolve()
+    files = sorted(f for f in p.rglob("*") if f.is_file())
+    return config_hash({"path": str(p), "files": [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns]
+                                                  for f in files]})
+
+
+def guess_template(tokenizer) -> str:
+    """``tiny`` when the tokenizer has the tiny model's single ``ASSISTANT:`` token, else ``vicuna_v1``."""
+    return "tiny" if "ASSISTANT:" in tokenizer.get_vocab() else "vicuna_v1"
+
+
+def cli_inputs(trained: Path, template: str | None, vision: Path | None, base: Path | None):
+    """(template, image processor, key) of a CLI export: the model's config and tokenizer are the
+    trained dir's, or the base's for an adapter without them."""
+    from transformers import AutoTokenizer
+
+    own = (trained / "config.json").is_file()
+    model_dir = trained if own else base
+    tok_dir = trained if (trained / "tokenizer_config.json").is_file() else base
+    if model_dir is None or tok_dir is None:
+        raise FileNotFoundError(f"{trained} has no {'config.json' if not own else 'tokenizer'}: give --base")
+    template = template or guess_template(AutoTokenizer.from_pretrained(tok_dir))
+    image_size = int(read_json(model_dir / "config.json")["vision_config"]["image_size"])
+    clip = None
+    if template == "vicuna_v1":
+        from .models.llava15 import image_processor
+
+        clip = image_processor(vision or tok_dir, image_size)
+    key = config_hash({"format": FORMAT, "trained": fingerprint(trained), "template": template,
+                       "base": fingerprint(base) if base else None, "vision": fingerprint(vision) if vision else None})
+    return template, image_processor_for(template, image_size, clip), key
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m icons.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trained", type=Path, help="trained model dir (full LLaVA checkpoint or LoRA adapter)")
+    ap.add_argument("out", type=Path, help="the export's directory (must not hold anything else)")
+    ap.add_argument("--template", choices=["tiny", "vicuna_v1"], help="prompt format (default: from the tokenizer)")
+    ap.add_argument("--vision", type=Path,
+                    help="dir with the CLIP image processor for vicuna_v1 (default: the trained dir's). The train "
+                         "stage saves the tiny model's processor, so pass the vision tower for LLaVA-1.5 runs")
+    ap.add_argument("--base", type=Path, help="base LLaVA dir of a LoRA adapter (default: the adapter's own)")
+    ap.add_argument("--tasks", default=",".join(LMMS_EVAL_TASKS), help="lmms-eval tasks, comma-separated")
+    ap.add_argument("--num-processes", type=int, default=1, help="accelerate launch --num_processes")
+    ap.add_argument("--output-path", type=Path, help="lmms-eval's --output_path (default: OUT.lmms_eval)")
+    a = ap.parse_args(argv)
+    try:
+        template, image_processor, key = cli_inputs(a.trained, a.template, a.vision, a.base)
+        base = (lambda: load_llava(a.base)) if a.base else None
+        info = export_trained(a.trained, a.out, key, template, image_processor, base,
+                              [t for t in a.tasks.split(",") if t], a.num_processes, a.output_path)
+    except (ExportExists, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"[icons] exported {a.trained} -> {a.out} ({info['dtype']}, {template}, {info['image_tokens']} image tokens)")
+    print(info["lmms_eval"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

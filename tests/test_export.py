@@ -1,0 +1,264 @@
+"""Evaluation hand-off (export.py): merged HF LLaVA checkpoints that lmms-eval's llava_hf loads with
+LlavaForConditionalGeneration + AutoProcessor, on the tiny LLaVA and on a tiny LLaVA-1.5 assembly."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from icons import export as ex
+from icons.config import LMMS_EVAL_TASKS, ConfigError, validate
+from icons.data.encode import Encoder, collate
+from icons.io import read_json, write_json
+from icons.models import llava15, tiny_llava
+from icons.models.lora import add_lora
+
+from .test_llava15 import RECORD, parts  # noqa: F401 - the tiny LLaVA-1.5 parts fixture
+from .tiny_lora import LORA, tiny_lora_model
+
+QUESTION = "What color is the square?"
+TINY_RECORD = {"id": "r1", "image": "img.png", "conversations": [
+    {"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": "red"}]}
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def _reload(out: Path):
+    """What lmms-eval's llava_hf does: the model and AutoProcessor from the directory."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model, info = LlavaForConditionalGeneration.from_pretrained(out, dtype="auto", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval(), AutoProcessor.from_pretrained(out)
+
+
+def _lmms_prompt(processor, question: str, answer: str | None = None) -> str:
+    """llava_hf's prompt: '<image>\\n' + question as a string user message, the tokenizer's template."""
+    msgs = [{"role": "user", "content": f"<image>\n{question}"}]
+    if answer is not None:
+        msgs.append({"role": "assistant", "content": answer})
+    return processor.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=answer is None)
+
+
+def _randomise_lora_b(model) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    """(tokenizer, LoRA model with non-zero B, image dir): a non-square image (the export resizes
+    like the tiny pipeline does)."""
+    tok, model = tiny_lora_model()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    return tok, model, tmp_path
+
+
+# ---------------------------------------------------------------- the tiny LLaVA
+def test_tiny_export_equals_unmerged_lora_through_the_processor(tiny):
+    tok, model, root = tiny
+    enc = Encoder(tok, tiny_llava.n_image_tokens(32, 8), 32, 160, root)
+    full, prompt = enc.encode(TINY_RECORD), enc.encode(TINY_RECORD, with_answer=False)
+    batch = collate([full], tok.pad_token_id)
+    want = _logits(model, batch)
+    with model.disable_adapter():
+        assert (_logits(model, batch) - want).abs().max() > 1e-3  # the LoRA matters
+    info = ex.export(model, tok, ex.image_processor_for("tiny", 32), root / "out", "tiny", key="k1", source="mem")
+    assert (info["dtype"], info["template"], info["image_tokens"], info["key"]) == ("float32", "tiny", 16, "k1")
+
+    merged, proc = _reload(root / "out")
+    image = Image.open(root / "img.png")
+    # the lmms-eval prompt tokenizes exactly as icons encodes the question: 16 image tokens, <s> first
+    ids = proc(text=_lmms_prompt(proc, QUESTION), images=image, return_tensors="pt")["input_ids"][0].tolist()
+    assert ids == prompt.input_ids and ids.count(merged.config.image_token_id) == 16 and ids[0] == tok.bos_token_id
+    # the whole conversation through the processor = the training batch; logits = the unmerged model's
+    inputs = proc(text=_lmms_prompt(proc, QUESTION, "red"), images=image, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == full.input_ids
+    assert torch.equal(inputs["pixel_values"], batch["pixel_values"])
+    got = _logits(merged, {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # list contents (the processor's own chat format) give the same prompt, images first
+    listed = [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]}]
+    assert proc.apply_chat_template(listed, tokenize=False, add_generation_prompt=True) == _lmms_prompt(proc, QUESTION)
+
+
+def test_existing_export_is_reused_a_different_one_refused(tiny, monkeypatch):
+    from transformers import LlavaForConditionalGeneration
+
+    tok, model, root = tiny
+    model = ex.merged(model)
+    out = root / "out"
+    ex.export(model, tok, ex.image_processor_for("tiny", 32), out, "tiny", key="k1")
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert ex.export(model, tok, None, out, "tiny", key="k1")["key"] == "k1"  # nothing built or written
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ex.ExportExists) as err:
+        ex.export(model, tok, ex.image_processor_for("tiny", 32), out, "tiny", key="k2")
+    assert "\n" not in str(err.value) and str(out) in str(err.value) and "another export" in str(err.value)
+    (root / "other").mkdir()
+    (root / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ex.ExportExists, match="not an export"):
+        ex.export(model, tok, ex.image_processor_for("tiny", 32), root / "other", "tiny", key="k1")
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    # a failed write leaves neither the export nor its temporary directory
+    monkeypatch.setattr(LlavaForConditionalGeneration, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        ex.export(model, tok, ex.image_processor_for("tiny", 32), root / "failed", "tiny", key="k3")
+    assert sorted(p.name for p in root.iterdir()) == ["img.png", "other", "out"]
+
+
+def test_cli_merges_an_adapter_onto_its_base(tmp_path, capsys):
+    from icons.data.mini_llava import tokenizer_corpus
+
+    tok = tiny_llava.build_tokenizer(tokenizer_corpus(per_family=50, per_task=20))
+    base = tiny_llava.build_model(tok, text_hidden=64, text_layers=2, vision_hidden=32)
+    tiny_llava.save(base, tok, tmp_path / "base")
+    lora = add_lora(base, LORA).eval()
+    _randomise_lora_b(lora)
+    lora.save_pretrained(tmp_path / "adapter")  # adapter_config.json + weights, no tokenizer
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    batch = collate([Encoder(tok, 16, 32, 160, tmp_path).encode(TINY_RECORD)], tok.pad_token_id)
+    want = _logits(lora, batch)
+
+    args = [str(tmp_path / "adapter"), str(tmp_path / "out"), "--base", str(tmp_path / "base"), "--num-processes", "8"]
+    assert ex.main(args) == 0
+    cmd = capsys.readouterr().out.strip().splitlines()[-1]
+    assert cmd.startswith("accelerate launch --num_processes=8 -m lmms_eval --model llava_hf")
+    assert (tmp_path / "out" / "lmms_eval.sh").read_text().strip().endswith(cmd)
+    assert read_json(tmp_path / "out" / ex.INFO)["template"] == "tiny"  # from the tokenizer
+    merged, _ = _reload(tmp_path / "out")
+    torch.testing.assert_close(_logits(merged, batch), want, rtol=1e-5, atol=1e-5)
+    assert ex.main(args) == 0  # the same export: reused
+    # another model into the same directory: one line on stderr, exit status 1
+    capsys.readouterr()
+    assert ex.main([str(tmp_path / "base"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "already holds another export" in err and "\n" not in err
+
+
+# ---------------------------------------------------------------- LLaVA-1.5 (vicuna_v1)
+def _llava15_lora(parts, dtype: str):
+    model, tok, pre = llava15.assemble(parts["llm"], parts["vision"], parts["proj"], dtype)
+    torch.manual_seed(0)
+    model = add_lora(model, LORA)
+    _randomise_lora_b(model)
+    return model.eval(), tok, pre
+
+
+def test_vicuna_export_equals_unmerged_lora_with_llava_preprocessing(parts, tmp_path):  # noqa: F811
+    model, tok, pre = _llava15_lora(parts, "float32")
+    enc = llava15.Encoder(tok, pre, 4, 256, parts["root"])
+    full = enc.encode(RECORD)
+    batch = collate([full], tok.pad_token_id)
+    want = _logits(model, batch)
+    ip = ex.image_processor_for("vicuna_v1", 28, llava15.image_processor(parts["vision"]))
+    info = ex.export(model, tok, ip, tmp_path / "out", "vicuna_v1", key="k")
+    assert (info["dtype"], info["image_tokens"]) == ("float32", 4)
+
+    merged, proc = _reload(tmp_path / "out")
+    image = Image.open(parts["root"] / "img.png")  # 36x20: padded to a square with the mean colour
+    q1, q2 = (t["value"].replace("<image>", "").strip() for t in RECORD["conversations"][0::2])
+    prompt = proc.tokenizer.apply_chat_template([{"role": "user", "content": f"<image>\n{q1}"}], tokenize=False,
+                                                add_generation_prompt=True)
+    # LLaVA-1.5's vicuna_v1; <s> written by the template as this tokenizer does not add it (test below)
+    assert prompt == f"<s>{llava15.SYSTEM} USER: <image>\n{q1} ASSISTANT:"
+    ids = proc(text=prompt, images=image, return_tensors="pt")["input_ids"][0].tolist()
+    first = {**RECORD, "conversations": RECORD["conversations"][:2]}
+    assert ids == enc.encode(first, with_answer=False).input_ids and ids.count(merged.config.image_token_id) == 4
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q1}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "blue"}]},
+            {"role": "user", "content": q2}, {"role": "assistant", "content": "no"}]
+    inputs = proc(text=proc.apply_chat_template(msgs, tokenize=False), images=image, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == full.input_ids
+    torch.testing.assert_close(inputs["pixel_values"], batch["pixel_values"], rtol=0, atol=1e-6)
+    got = _logits(merged, {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_template_leaves_bos_to_a_tokenizer_that_adds_it(parts):  # noqa: F811
+    """Vicuna's tokenizer adds <s> itself: the template must not write a second one."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(parts["llm"])
+    assert not ex.adds_bos(tok)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    assert ex.adds_bos(tok)
+    tok.chat_template = ex.template_for("vicuna_v1", tok)
+    text = tok.apply_chat_template([{"role": "user", "content": "What is red?"}], tokenize=False, add_generation_prompt=True)
+    assert text == f"{llava15.SYSTEM} USER: What is red? ASSISTANT:"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+
+
+def test_vicuna_export_keeps_bf16(parts, tmp_path):  # noqa: F811
+    model, tok, _ = _llava15_lora(parts, "bfloat16")
+    ip = ex.image_processor_for("vicuna_v1", 28, llava15.image_processor(parts["vision"]))
+    ex.export(model, tok, ip, tmp_path / "out", "vicuna_v1", key="k")
+    merged, _ = _reload(tmp_path / "out")
+    assert merged.dtype == torch.bfloat16 and read_json(tmp_path / "out" / ex.INFO)["dtype"] == "bfloat16"
+    assert "pretrained=" + str((tmp_path / "out").resolve()) + ",dtype=bfloat16" in ex.write_command(tmp_path / "out")
+
+
+# ---------------------------------------------------------------- the command, the stage, the report
+def test_lmms_eval_command_lists_the_ten_benchmarks(tmp_path):
+    cmd = ex.lmms_eval_command(tmp_path / "exp", tmp_path / "res", dtype="bfloat16", num_processes=4)
+    argv = shlex.split(cmd)
+    assert argv[:6] == ["accelerate", "launch", "--num_processes=4", "-m", "lmms_eval", "--model"]
+    opt = {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a.startswith("--") and not argv[i + 1].startswith("--")}
+    assert "--log_samples" in argv
+    assert opt["--model"] == "llava_hf" and opt["--batch_size"] == "1"
+    assert opt["--model_args"] == f"pretrained={(tmp_path / 'exp').resolve()},dtype=bfloat16"
+    assert opt["--output_path"] == str((tmp_path / "res").resolve())
+    assert opt["--tasks"].split(",") == list(LMMS_EVAL_TASKS) == [
+        "vqav2_val", "gqa", "vizwiz_vqa_val", "scienceqa_img", "textvqa_val", "pope", "mme", "mmbench_en_dev",
+        "mmbench_cn_dev", "llava_in_the_wild"]
+    with pytest.raises(ValueError, match="comma"):
+        ex.lmms_eval_command(tmp_path / "a,b", tmp_path / "res")
+
+
+def test_stage_exports_trained_models_and_report_lists_them(tiny, compose_cfg):
+    from icons.report import export_lines, exports, write_report
+    from icons.stages import Run, stage_export
+
+    tok, model, root = tiny
+    tiny_llava.save(model.merge_and_unload(), tok, root / "train" / "model")  # what the train stage writes
+    write_json(root / "stages.json", {"train/full": {"key": "t1", "path": str(root / "train"), "wall_s": 1.0}})
+    cfg = compose_cfg(["selectors=[full]", f"run_dir={root}"])
+    first = stage_export(Run(cfg, root, root))["full"]
+    stages = read_json(root / "stages.json")
+    out = Path(stages["export/full"]["path"])
+    assert out.parent == root / "export" and (out / "lmms_eval.sh").is_file() and (out / "config.json").is_file()
+    assert stage_export(Run(cfg, root, root))["full"]["wall_s"] == first["wall_s"]  # reused
+    listed = exports(stages)
+    assert listed["full"]["lmms_eval"] == read_json(out / ex.INFO)["lmms_eval"]
+    assert f"pretrained={out.resolve()},dtype=float32" in listed["full"]["lmms_eval"]
+    assert any(listed["full"]["lmms_eval"] in line for line in export_lines(listed))
+    write_json(root / "eval" / "chance.json", {t: 0.0 for t in cfg.tasks.names})  # a run without evaluations
+    report = write_report(Run(cfg, root, root))
+    assert listed["full"]["lmms_eval"] in report.read_text()
+    assert read_json(root / "report.json")["exports"] == listed
+    with pytest.raises(FileNotFoundError, match="no trained model 'random'"):
+        stage_export(Run(compose_cfg([f"run_dir={root}"]), root, root))
+
+
+def test_export_config(compose_cfg):
+    obj = validate(compose_cfg(["+experiment=llava_20pct"]))
+    assert obj.stages[obj.stages.index("train") + 1] == "export" and obj.export.lmms_tasks == list(LMMS_EVAL_TASKS)
+    assert "export" not in validate(compose_cfg()).stages
+    with pytest.raises(ConfigError, match=r"export.selectors=\[random\] contains 'random', which is not in selectors"):
+        validate(compose_cfg(["selectors=[full]", "export.selectors=[random]"]))
+    with pytest.raises(ConfigError, match="export.num_processes=0 must be > 0"):
+        validate(compose_cfg(["export.num_processes=0"]))

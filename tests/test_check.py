@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from icons.data.llava_json import BadInputError
 from icons.io import read_json, read_jsonl
-from icons.stages import LOCK_NAME, RunDirLocked, lock_run_dir, run_stages
+from icons.stages import LOCK_NAME, Run, RunDirLocked, load_pool, lock_run_dir, run_stages
 
 from .conftest import compose_config
 from .test_bad_input import png, rec, write_json, write_jsonl
@@ -93,10 +94,11 @@ def test_skip_writes_good_records_and_bad_records_jsonl(tmp_path, icons_cache, u
     assert logged["check/problems"] == 3 and logged["check/records"] == 6
     assert logged["check/problems/missing_image"] == 1 and logged["check/problems/duplicate_id"] == 1
     data = tmp_path / "run" / "data"
-    pool = read_json(data / "pool.json")
-    assert [r["id"] for r in pool] == ["u-0", "u-3", "u-5"]  # ids exactly as given, file order
-    assert read_json(data / "positions.json") == [0, 3, 5]
+    pool = load_pool(Run(cfg, tmp_path / "run", tmp_path / "run"))  # read lazily from the user's file
+    assert [r["id"] for r in pool] == pool.ids == ["u-0", "u-3", "u-5"]  # ids exactly as given, file order
+    assert np.load(data / "positions.npy").tolist() == [0, 3, 5]
     assert pool[1]["conversations"][0]["value"].startswith("<image>\n") and pool[1]["image"] == "b.png"
+    assert not (data / "pool.json").exists()  # never copied
     bad = read_jsonl(data / "bad_records.jsonl")
     assert [(b["file"], b["position"], b["line"], b["id"], b["field"], b["kind"]) for b in bad] == [
         (str(user_pool), 1, 2, "u-1", "image", "missing_image"),
@@ -127,12 +129,15 @@ def test_data_stage_reads_an_edited_pool_again(tmp_path, icons_cache):
     png(tmp_path / "a.png")
     path = write_json(tmp_path / "pool.json", [rec("x0"), rec("x1")])
     cfg = _cfg("stages=[data]", "data=llava_json", f"data.path={path}")  # image_root: the file's directory
-    run_stages(cfg, tmp_path / "run")
-    assert [r["id"] for r in read_json(tmp_path / "run" / "data" / "pool.json")] == ["x0", "x1"]
+    run = Run(cfg, tmp_path / "run", tmp_path / "run")
+    run_stages(cfg, run.run_dir)
+    assert [r["id"] for r in load_pool(run)] == ["x0", "x1"]
     time.sleep(0.01)
     write_json(path, [rec("x0"), rec("x1"), rec("x2")])
-    run_stages(cfg, tmp_path / "run")
-    assert [r["id"] for r in read_json(tmp_path / "run" / "data" / "pool.json")] == ["x0", "x1", "x2"]
+    with pytest.raises(BadInputError, match="run the data stage again"):
+        load_pool(run)  # an index of the old file is never used on the new one
+    run_stages(cfg, run.run_dir)
+    assert [r["id"] for r in load_pool(run)] == ["x0", "x1", "x2"]
 
 
 def test_llava_json_needs_a_path():

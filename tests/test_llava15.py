@@ -387,7 +387,10 @@ def test_experiment_llava_20pct_composes(compose_cfg, tmp_path):
     assert (obj.model.name, obj.model.kind, obj.model.lora.r, obj.model.lora.alpha) == ("llava_1_5_7b", "llava_1_5",
                                                                                         128, 256)
     assert "gate_proj|up_proj|down_proj" in obj.model.lora.target_modules
-    assert (obj.data.kind, obj.data.path) == ("llava_json", "./playground/data/llava_v1_5_mix665k.json")
+    assert (obj.data.name, obj.data.kind, obj.data.path) == ("llava_665k", "llava_json",
+                                                             "./playground/data/llava_v1_5_mix665k.json")
+    assert (obj.tasks.kind, obj.tasks.dir) == ("llava_benchmarks", "./playground/data/icons_val")
+    assert obj.stages[-1] == "train" and not {"eval", "report"} & set(obj.stages)  # evaluation: lmms-eval
     t = obj.train
     assert (t.mode, t.lr, t.scheduler, t.warmup_ratio, t.epochs, t.batch_size) == ("lora", 2e-4, "cosine", 0.03, 1,
                                                                                   128)
@@ -404,7 +407,7 @@ def test_experiment_llava_20pct_composes(compose_cfg, tmp_path):
 def test_experiment_llava_13b_transfer_composes(compose_cfg, tmp_path):
     obj = validate(compose_cfg(["+experiment=llava_13b_transfer", f"selection.from_run={tmp_path}"]))
     assert obj.model.name == "llava_1_5_13b" and obj.model.llm_path.endswith("vicuna-13b-v1.5")
-    assert obj.stages == ["check", "data", "base", "select", "subset", "train", "export", "eval", "report"]
+    assert obj.stages == ["check", "data", "base", "select", "subset", "train", "export"]  # evaluation: lmms-eval
     assert obj.selection.from_run == str(tmp_path) and obj.experiment_name == "llava_13b_transfer"
     assert (obj.train.mode, obj.train.lr, obj.data.kind) == ("lora", 2e-4, "llava_json")  # from llava_20pct
 
@@ -430,12 +433,18 @@ def test_experiment_cfg_job_cli_offline(experiment, tmp_path):
 
 
 def _fake_run(root: Path, pool_ids: list[str], pool_file: Path) -> Path:
+    from icons.data.llava_json import file_signature
+    from icons.data.pool import index_file
     from icons.io import write_json
 
     write_json(pool_file, [{"id": i, "conversations": [{"from": "human", "value": "q"},
                                                         {"from": "gpt", "value": "a"}]} for i in pool_ids])
+    write_json(root / "data" / "ids.json", pool_ids)
     write_json(root / "data" / "manifest.json", {"key": "d", "pool": str(pool_file), "image_root": str(root),
-                                                  "meta": None, "val": {}, "test": {}})
+                                                  "index": str(index_file(pool_file, root / "data" / "index")),
+                                                  "ids": str(root / "data" / "ids.json"), "positions": None,
+                                                  "signature": file_signature(pool_file), "meta": None, "val": {},
+                                                  "test": {}})
     write_json(root / "stages.json", {"data": {"key": "d", "path": str(root / "data")}})
     return root
 

@@ -13,15 +13,17 @@ first problem's file, record position, id, field and what is wrong; under ``skip
 that no skipping can cure stop it (a file that cannot be read, an empty pool or validation set,
 colliding task names).
 
-Also here: what ``stage_data`` does for ``data.kind=llava_json`` (:func:`prepare_llava_json`).
+Also here: what ``stage_data`` does (:func:`prepare_data`): index the pool for lazy reading, validate a
+user's pool and the task files that are not the generated benchmark's.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
 
 from .data.llava_json import (
@@ -35,10 +37,10 @@ from .data.llava_json import (
     scan_file,
     summary_error,
 )
-from .io import config_hash, write_json, write_jsonl
+from .io import config_hash, read_json, save_npy, write_json, write_jsonl
 
-__all__ = ["DataSources", "check_encoder", "check_inputs", "data_sources", "llava_json_key", "prepare_llava_json",
-           "run_check", "task_name_problems"]
+__all__ = ["DataSources", "check_encoder", "check_inputs", "data_key", "data_sources", "prepare_data",
+           "prepare_pool", "prepare_tasks", "run_check", "task_name_problems"]
 
 #: problem lines printed by the check (all of them are in problems.jsonl)
 SHOW = 20
@@ -47,7 +49,9 @@ SPLITS = ("val", "test")
 
 @dataclass
 class DataSources:
-    """Where the pool and the task files of a config are (before the data stage copies anything)."""
+    """Where the pool and the task files of a config are (before the data stage copies anything).
+    ``test`` is empty for tasks without test splits (``tasks.kind=llava_benchmarks``);
+    ``task_roots`` overrides ``task_image_root`` per task."""
 
     kind: str
     pool: Path
@@ -55,6 +59,10 @@ class DataSources:
     task_image_root: Path | None
     val: dict[str, Path]
     test: dict[str, Path]
+    task_roots: dict[str, Path] = field(default_factory=dict)
+
+    def task_root(self, task: str) -> Path | None:
+        return self.task_roots.get(task, self.task_image_root)
 
 
 def task_name_problems(names: list[str], known: tuple[str, ...] | None = None) -> list[dict]:
@@ -80,22 +88,40 @@ def task_name_problems(names: list[str], known: tuple[str, ...] | None = None) -
 
 def data_sources(cfg: DictConfig) -> DataSources:
     """The pool file and the task files of ``cfg`` (the mini-LLaVA benchmark is generated once into
-    the cache: data work, never model work). Raises :class:`BadInputError` for bad task names."""
+    the cache when the pool or the tasks come from it: data work, never model work). Raises
+    :class:`BadInputError` for bad task names or a missing benchmark validation file."""
     from .data.mini_llava import TASK_NAMES
-    from .stages import mini_llava_benchmark
 
     names = list(cfg.tasks.names)
-    bad = task_name_problems(names, tuple(TASK_NAMES))
+    real_tasks = cfg.tasks.get("kind", "mini_llava") == "llava_benchmarks"
+    bad = task_name_problems(names, None if real_tasks else tuple(TASK_NAMES))
     if bad:
         raise BadInputError(summary_error(bad), bad)
-    bench = mini_llava_benchmark(cfg)
-    val = {t: bench.task_path(t, "val") for t in names}
-    test = {t: bench.task_path(t, "test") for t in names}
+    bench = None
+    if cfg.data.kind == "mini_llava" or not real_tasks:
+        from .stages import mini_llava_benchmark
+
+        bench = mini_llava_benchmark(cfg)
     if cfg.data.kind == "llava_json":
         pool = Path(cfg.data.path).expanduser().resolve()
         root = Path(cfg.data.image_root).expanduser().resolve() if cfg.data.image_root else pool.parent
-        return DataSources("llava_json", pool, root, bench.image_root, val, test)
-    return DataSources(cfg.data.kind, bench.pool_path, bench.image_root, bench.image_root, val, test)
+    else:
+        pool, root = bench.pool_path, bench.image_root
+    if real_tasks:
+        return _benchmark_sources(cfg, pool, root, names)
+    val = {t: bench.task_path(t, "val") for t in names}
+    test = {t: bench.task_path(t, "test") for t in names}
+    return DataSources(cfg.data.kind, pool, root, bench.image_root, val, test)
+
+
+def _benchmark_sources(cfg: DictConfig, pool: Path, root: Path, names: list[str]) -> DataSources:
+    """Validation files written by ``python -m icons.data.benchmarks`` (no test splits)."""
+    from .data.benchmarks.sets import task_files
+
+    t = cfg.tasks
+    task_root = Path(t.image_root).expanduser().resolve() if t.get("image_root") else root
+    val, roots = task_files(t.dir, names, task_root)
+    return DataSources(cfg.data.kind, pool, root, task_root, val, {}, roots)
 
 
 def _tokenizer_dir(cfg: DictConfig) -> Path:
@@ -145,25 +171,38 @@ def _model_key(cfg: DictConfig) -> dict:
             "path": m.path, **{k: m.get(k) for k in ("template", "llm_path", "vision_path") if m.get(k)}}
 
 
-def llava_json_key(cfg: DictConfig) -> dict:
-    """What a llava_json data result depends on besides the config: the file and the model's
-    length limit (an edited pool file is read again)."""
-    return {"source": file_signature(Path(cfg.data.path).expanduser()), "model": _model_key(cfg)}
+def data_key(cfg: DictConfig) -> dict:
+    """What a data result depends on besides the config: the user's files (an edited pool or
+    validation file is read again) and the model's length limit (records are checked against it)."""
+    key: dict = {}
+    if cfg.data.kind == "llava_json":
+        key["source"] = file_signature(Path(cfg.data.path).expanduser())
+    if cfg.tasks.get("kind", "mini_llava") == "llava_benchmarks":
+        from .data.benchmarks.sets import task_files
+
+        t = cfg.tasks
+        val, _ = task_files(t.dir, list(t.names), Path("."))
+        key["tasks"] = [file_signature(p) for p in val.values()]
+        key["meta"] = [file_signature(p.with_suffix(".meta.json")) for p in val.values()]
+    if key:
+        key["model"] = _model_key(cfg)
+    return key
 
 
 # --------------------------------------------------------------------------- the check
 def _scan(path: Path, image_root: Path | None, encoder, with_answer: bool, role: str, task: str | None,
           fatal: list[dict]) -> tuple[dict, ReadResult | None]:
     info = {"role": role, "task": task, "file": str(path)}
-    try:
-        res = scan_file(path, image_root, encoder=encoder, with_answer=with_answer)
+    try:  # the pool's good records are counted, not kept: it may be several GB
+        res = scan_file(path, image_root, encoder=encoder, with_answer=with_answer, keep_records=role != "pool",
+                        task=task)
     except PoolFileError as err:
         fatal.extend(err.problems)
         return {**info, "error": str(err)}, None
     if res.stats["records"] == 0:
         what = "pool" if role == "pool" else f"{task} {role} set"
         fatal.append(problem(path, None, None, None, None, "empty_file", f"the {what} is empty (no records)"))
-    elif not res.records:
+    elif not res.stats["ok"]:
         fatal.append(problem(path, None, None, None, None, "empty_file",
                              f"none of its {res.stats['records']} records is usable"))
     return {**info, **res.stats}, res
@@ -179,8 +218,9 @@ def check_inputs(cfg: DictConfig, sources: DataSources | None = None, encoder=No
     files, problems, fatal, truncated = [], [], [], []
     jobs = [(src.pool, src.image_root, True, "pool", None)]
     for task in cfg.tasks.names:
-        jobs += [(src.val[task], src.task_image_root, True, "val", task),
-                 (src.test[task], src.task_image_root, False, "test", task)]
+        jobs.append((src.val[task], src.task_root(task), True, "val", task))
+        if task in src.test:
+            jobs.append((src.test[task], src.task_root(task), False, "test", task))
     for path, root, with_answer, role, task in jobs:
         n_fatal = len(fatal)
         info, res = _scan(Path(path), root, enc, with_answer, role, task, fatal)
@@ -230,10 +270,7 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"{len(cut)} record(s) longer than model.max_length={report['max_length']} keep their image; "
                      f"their answer text is cut: {shown}{' ...' if len(cut) > 5 else ''}")
     probs = report["problems"]
-    kinds: dict[str, int] = {}
-    for p in probs:
-        kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
-    lines.append(f"{len(probs)} problem(s)" + (f" by kind: {_counts(dict(sorted(kinds.items())))}" if probs else ""))
+    lines.append(f"{len(probs)} problem(s)" + (f" by kind: {_counts(_kinds(probs))}" if probs else ""))
     lines += [f"  {format_problem(p)}" for p in probs[:SHOW]]
     if len(probs) > SHOW:
         lines.append(f"  ... and {len(probs) - SHOW} more")
@@ -253,7 +290,8 @@ def run_check(run) -> dict:
         print(f"[icons] check: {err}", flush=True)
         raise
     key = config_hash({**section(cfg, "data", "tasks"), "model": _model_key(cfg),
-                       "files": [file_signature(p) for p in [src.pool, *src.val.values(), *src.test.values()]]})
+                       "files": [file_signature(p) for p in [src.pool, *src.val.values(), *src.test.values()]],
+                       **data_key(cfg)})
     if m := finished(out, key):
         print(f"[icons] check: passed before for these files ({m['records']} pool records, "
               f"{m['problems']} problems)", flush=True)
@@ -283,18 +321,16 @@ def _log_to_wandb(run, out: Path, report: dict) -> None:
     """Problem counts (total and by kind) and the problem list, whether the check passes or not."""
     from . import tracking
 
-    kinds: dict[str, int] = {}
-    for p in report["problems"]:
-        kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
+    kinds = _kinds(report["problems"])
     with tracking.stage_run(run.cfg, "check", run.run_dir) as wrun:
         tracking.log_summary(wrun, {"check/records": report["files"][0].get("records", 0),
                                     "check/problems": len(report["problems"]), "check/fatal": len(report["fatal"]),
                                     "check/truncated": len(report["truncated"]),
-                                    **{f"check/problems/{k}": v for k, v in sorted(kinds.items())}})
+                                    **{f"check/problems/{k}": v for k, v in kinds.items()}})
         tracking.log_files(wrun, "check", "check", [out / "summary.json", out / "problems.jsonl"])
 
 
-# --------------------------------------------------------------------------- data stage, llava_json
+# --------------------------------------------------------------------------- the data stage
 def _absolute_image(rec: dict, root: Path) -> dict:
     image = rec.get("image")
     if isinstance(image, str) and not Path(image).is_absolute():
@@ -302,45 +338,76 @@ def _absolute_image(rec: dict, root: Path) -> dict:
     return rec
 
 
-def prepare_llava_json(cfg: DictConfig, out: Path) -> dict:
-    """Validate the user's pool and the task files; write the good records; return the data
-    manifest's fields.
+def prepare_data(cfg: DictConfig, out: Path) -> dict:
+    """What ``stage_data`` does; returns the data manifest's fields.
 
-    ``data/pool.json``: the pool's good records (ids as given; the repairs of
-    :mod:`icons.data.llava_json` applied; image paths as given, relative to ``image_root``), and
-    ``data/positions.json``: each one's position in the user's file. ``data/tasks/<task>/*.json``:
-    the task files with absolute image paths (their images are not under the pool's image_root).
-    ``data/bad_records.jsonl``: one row per problem of a skipped record (file, position, line,
-    id, field, kind, message). Under ``on_bad_record=error`` any bad record raises instead."""
+    The pool is never copied: ``pool`` names the source file, ``index`` its byte-offset index
+    (``data/index/``, :mod:`icons.data.pool`), ``ids`` (``data/ids.json``) the pool's ids in
+    order and, for a user's file, ``positions`` (``data/positions.npy``) the file positions of
+    its good records. Task files are used in place when both pool and tasks are the generated
+    benchmark's; otherwise they are validated and written to ``data/tasks/<task>/<split>.json``
+    with absolute image paths (their images are not under the pool's image_root)."""
     src = data_sources(cfg)
-    enc = check_encoder(cfg)
+    generated = cfg.data.kind == "mini_llava" and cfg.tasks.get("kind", "mini_llava") == "mini_llava"
+    enc = None if generated else check_encoder(cfg)  # the generated files are only indexed here
+    fields = prepare_pool(cfg, src, out, enc)
+    if generated:
+        fields.update(val={t: str(p) for t, p in src.val.items()}, test={t: str(p) for t, p in src.test.items()})
+        return fields
+    tasks = prepare_tasks(cfg, src, out, enc)
+    fields["counts"].update(tasks.pop("counts"))
+    bad = fields.pop("bad", []) + tasks.pop("bad")
+    write_jsonl(out / "bad_records.jsonl", bad)
+    if bad:
+        print(f"[icons] data: skipped {len(bad)} problem(s) in {len({(p['file'], p['position']) for p in bad})} "
+              f"record(s) ({_counts(_kinds(bad))}); listed in {out / 'bad_records.jsonl'}", flush=True)
+    return {**fields, **tasks, "problems": _kinds(bad), "bad_records": str(out / "bad_records.jsonl")}
+
+
+def prepare_pool(cfg: DictConfig, src: DataSources, out: Path, encoder) -> dict:
+    """Index the pool file; for a user's file, validate it record by record first (good records
+    are counted and their positions and ids kept, never the records themselves)."""
+    from .data.pool import LazyPool, index_file
+
+    index = index_file(src.pool, out / "index")
+    fields = {"pool": str(src.pool), "index": str(index), "signature": file_signature(src.pool),
+              "image_root": str(src.image_root), "positions": None, "ids": str(out / "ids.json")}
+    if cfg.data.kind != "llava_json":  # the generated pool: every record is good (the check stage says so)
+        from .stages import mini_llava_benchmark
+
+        bench = mini_llava_benchmark(cfg)  # built already, by data_sources
+        write_json(out / "ids.json", LazyPool(src.pool, index).ids, indent=None)
+        return {**fields, "meta": str(bench.meta_path), "counts": read_json(bench.root / "manifest.json")["counts"]}
+    res = read_pool(src.pool, src.image_root, cfg.data.on_bad_record, encoder=encoder, keep_records=False)
+    save_npy(out / "positions.npy", np.asarray(res.positions, dtype=np.int64))
+    write_json(out / "ids.json", res.ids, indent=None)
+    return {**fields, "positions": str(out / "positions.npy"), "meta": None, "source": str(src.pool),
+            "counts": {"records": res.stats["records"], "pool": res.stats["ok"], "skipped": res.stats["bad"]},
+            "fixes": res.stats["fixes"], "image_modes": res.stats["image_modes"],
+            "truncated": res.stats["truncated"], "bad": res.problems}
+
+
+def prepare_tasks(cfg: DictConfig, src: DataSources, out: Path, encoder) -> dict:
+    """Validate each task's files and write their good records (ids as given, absolute images)."""
     policy = cfg.data.on_bad_record
-    pool = read_pool(src.pool, src.image_root, policy, encoder=enc)
-    bad = list(pool.problems)
-    counts = {"records": pool.stats["records"], "pool": len(pool.records), "skipped": pool.stats["bad"]}
-    val, test = {}, {}
+    val, test, counts, bad = {}, {}, {}, []
     for task in cfg.tasks.names:
-        for split, dest in (("val", val), ("test", test)):
-            res = read_pool(getattr(src, split)[task], src.task_image_root, policy, encoder=enc,
-                            with_answer=split != "test")
+        splits = [("val", val, src.val)] + ([("test", test, src.test)] if task in src.test else [])
+        for split, dest, files in splits:
+            root = src.task_root(task)
+            res = read_pool(files[task], root, policy, encoder=encoder, with_answer=split != "test", task=task)
             path = out / "tasks" / task / f"{split}.json"
-            write_json(path, [_absolute_image(r, src.task_image_root) for r in res.records])
+            write_json(path, [_absolute_image(r, root) for r in res.records])
             dest[task] = str(path)
             counts[f"{task}/{split}"] = len(res.records)
             if res.problems:
                 counts[f"{task}/{split}_skipped"] = res.stats["bad"]
             bad += res.problems
-    write_json(out / "pool.json", pool.records, indent=None)
-    write_json(out / "positions.json", pool.positions, indent=None)
-    write_jsonl(out / "bad_records.jsonl", bad)
+    return {"val": val, "test": test, "counts": counts, "bad": bad}
+
+
+def _kinds(problems: list[dict]) -> dict[str, int]:
     kinds: dict[str, int] = {}
-    for p in bad:
+    for p in problems:
         kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
-    if bad:
-        print(f"[icons] data: skipped {len(bad)} problem(s) in {len({(p['file'], p['position']) for p in bad})} "
-              f"record(s) ({_counts(dict(sorted(kinds.items())))}); listed in {out / 'bad_records.jsonl'}",
-              flush=True)
-    return {"pool": str(out / "pool.json"), "image_root": str(src.image_root), "meta": None, "val": val,
-            "test": test, "source": str(src.pool), "bad_records": str(out / "bad_records.jsonl"),
-            "counts": counts, "problems": dict(sorted(kinds.items())), "fixes": pool.stats["fixes"],
-            "image_modes": pool.stats["image_modes"], "truncated": pool.stats["truncated"]}
+    return dict(sorted(kinds.items()))

@@ -59,6 +59,7 @@ __all__ = [
     "PretrainConfig",
     "RootConfig",
     "SelectionConfig",
+    "TASKS_KIND_CHOICES",
     "TasksConfig",
     "TrainConfig",
     "TrainerConfig",
@@ -273,6 +274,11 @@ MODEL_KIND_CHOICES = ("tiny_llava", "hf_llava", "llava_1_5")
 TEMPLATE_CHOICES = ("tiny", "vicuna_v1")
 MODEL_DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 DATA_KIND_CHOICES = ("mini_llava", "llava_json")
+#: mini_llava: the generated benchmark's tasks (val + test); llava_benchmarks: validation sets built
+#: from the real benchmarks' files by ``python -m icons.data.benchmarks`` (no test splits: lmms-eval)
+TASKS_KIND_CHOICES = ("mini_llava", "llava_benchmarks")
+#: stages that need the tasks' test splits (evaluation and the report of its scores)
+EVAL_STAGES = ("eval", "report")
 ON_BAD_RECORD_CHOICES = ("error", "skip")
 ACCELERATOR_CHOICES = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
 PRECISION_CHOICES = (
@@ -485,16 +491,26 @@ class TasksConfig:
     """Group ``tasks``: the target tasks, their validation (selection) and test (eval) splits."""
 
     name: str = "mini_llava"
+    kind: str = "mini_llava"
     names: List[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    #: kind=mini_llava: items generated per task for the val / test split, and their seed
     n_val: int = 48
     n_test: int = 300
     seed: int = 0
+    #: kind=llava_benchmarks: the converter's --out directory (``<task>.json`` per task)
+    dir: Optional[str] = None
+    #: kind=llava_benchmarks: where the records' relative image paths start; null = data.image_root
+    image_root: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_nonempty_str(self, "name")
+        _check_choice(self, "kind", TASKS_KIND_CHOICES)
         _check_str_list(self, "names")
         _positive(self, "n_val", "n_test")
         _non_negative(self, "seed")
+        if self.kind == "llava_benchmarks" and not self.dir:
+            raise FieldError("dir", self.dir, "must be set when {prefix}kind=llava_benchmarks (the directory "
+                                              "`python -m icons.data.benchmarks ... --out DIR` wrote)")
 
 
 @dataclass
@@ -722,6 +738,13 @@ class RootConfig:
                 if sel not in self.selectors:
                     raise FieldError("export.selectors", self.export.selectors,
                                      f"contains {sel!r}, which is not in selectors={_fmt(self.selectors)}")
+        if self.tasks.kind == "llava_benchmarks":
+            here = [s for s in self.stages if s in EVAL_STAGES]
+            if here:
+                raise FieldError("stages", self.stages,
+                                 f"contains {' and '.join(here)}, which tasks.kind=llava_benchmarks cannot run: the "
+                                 f"real benchmarks have no test split here; evaluate the trained models with "
+                                 f"lmms-eval (README, Real scale) and leave {', '.join(EVAL_STAGES)} out of stages")
         _check_nonempty_str(self, "cache_dir", "experiment_name")
         if not _unresolved(self.experiment_name) and "/" in self.experiment_name or self.experiment_name in (".", ".."):
             raise FieldError("experiment_name", self.experiment_name, "must be a plain name (no '/')")

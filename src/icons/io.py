@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -31,6 +31,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_json_list(path: str | Path, rows: Iterable[Any]) -> int:
+    """A JSON list written row by row (rows may come from a generator: never all in memory),
+    atomically like every other file here. Returns the number of rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("[")
+            for row in rows:
+                f.write(("\n" if n == 0 else ",\n") + json.dumps(row, ensure_ascii=False))
+                n += 1
+            f.write("\n]\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return n
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:

@@ -25,8 +25,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import tracking
+from .config import ConfigError
 from .data.encode import Encoder, EncodedDataset
 from .data.mini_llava.pretraining import STREAM_VERSION
+from .data.pool import LazyPool
 from .io import config_hash, read_json, read_jsonl, save_npy, slow_point, write_json, write_jsonl
 from .train import OptimConfig, ShuffledBatches, fit, set_trainable
 
@@ -142,33 +144,23 @@ def mini_llava_benchmark(cfg: DictConfig):
 
 
 def stage_data(run: Run) -> dict:
-    """Materialise the pool and the task files (the benchmark is cached); record where they are.
+    """Index the pool and materialise the task files; record where they are (``check.prepare_data``).
 
-    ``data.kind=llava_json``: the user's file is validated record by record (``check.py``) and its
-    good records are written to ``data/pool.json`` with their ids as given; with
-    ``data.on_bad_record=skip`` the bad ones go to ``data/bad_records.jsonl`` (file, position, id,
-    field, kind, message)."""
+    The pool is read lazily from its own file through a byte-offset index (:func:`load_pool`).
+    ``data.kind=llava_json``: the user's file is validated record by record (``check.py``); with
+    ``data.on_bad_record=skip`` the bad ones are left out (``data/positions.npy`` holds the good
+    ones' positions) and listed in ``data/bad_records.jsonl`` (file, position, id, field, kind,
+    message). ``tasks.kind=llava_benchmarks``: the validation files written by
+    ``python -m icons.data.benchmarks`` are validated the same way."""
+    from .check import data_key, prepare_data
+
     cfg = run.cfg
     out = run.run_dir / "data"
-    key = config_hash(section(cfg, "data", "tasks"))
-    if cfg.data.kind == "llava_json":
-        from .check import llava_json_key, prepare_llava_json
-
-        key = config_hash({"config": key, **llava_json_key(cfg)})
+    key = config_hash({"config": config_hash(section(cfg, "data", "tasks")), **data_key(cfg)})
     if m := finished(out, key):
         return _record(run, "data", m, out)
     t0 = time.time()
-    if cfg.data.kind == "llava_json":
-        return _record(run, "data", finish(out, key, t0, **prepare_llava_json(cfg, out)), out)
-    if cfg.data.kind != "mini_llava":
-        raise ValueError(f"data.kind={cfg.data.kind!r} is not supported by this stage yet")
-    bench = mini_llava_benchmark(cfg)
-    m = finish(out, key, t0, pool=str(bench.pool_path), image_root=str(bench.image_root),
-               meta=str(bench.meta_path),
-               val={t: str(bench.task_path(t, "val")) for t in cfg.tasks.names},
-               test={t: str(bench.task_path(t, "test")) for t in cfg.tasks.names},
-               counts=read_json(bench.root / "manifest.json")["counts"])
-    return _record(run, "data", m, out)
+    return _record(run, "data", finish(out, key, t0, **prepare_data(cfg, out)), out)
 
 
 def data_paths(run: Run) -> DataPaths:
@@ -177,11 +169,16 @@ def data_paths(run: Run) -> DataPaths:
                      {k: Path(v) for k, v in m["val"].items()}, {k: Path(v) for k, v in m["test"].items()})
 
 
-def load_pool(run: Run) -> list[dict]:
-    return read_json(data_paths(run).pool)
+def load_pool(run: Run) -> LazyPool:
+    """The pool as a lazy sequence (records read by position from the source file, never all at
+    once): ``len``, indexing, iteration, ``.ids`` and ``.positions_of(ids)``."""
+    m = read_json(run.run_dir / "data" / "manifest.json")
+    return LazyPool(m["pool"], m["index"], m.get("positions"), read_json(m["ids"]), m["signature"])
 
 
 def load_val(run: Run) -> list[dict]:
+    """Every task's validation records, each with its ``task`` (its group, with its ``subtask`` if
+    it has one: ``influence.group_of``)."""
     recs = []
     for task, path in data_paths(run).val.items():
         for r in read_json(path):
@@ -270,13 +267,13 @@ def stage_warmup(run: Run) -> dict:
         return _record(run, "warmup", m, out)
     t0 = time.time()
     pool = load_pool(run)
-    ids = warmup_ids([r["id"] for r in pool], cfg.warmup.fraction, cfg.seed)
-    by_id = {r["id"]: r for r in pool}
+    ids = warmup_ids(pool.ids, cfg.warmup.fraction, cfg.seed)
+    records = [pool[k] for k in pool.positions_of(ids)]  # only the warmup's share is ever read
     model, tok = load_base(run)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are initialised at random
     model = add_lora(model, cfg.model.lora)
     with tracking.stage_run(cfg, "warmup", run.run_dir) as wrun:
-        ckpts = run_warmup(model, make_encoder(run, tok), [by_id[i] for i in ids], out, cfg.warmup.epochs,
+        ckpts = run_warmup(model, make_encoder(run, tok), records, out, cfg.warmup.epochs,
                            cfg.warmup.batch_size, cfg.warmup.lr, cfg.seed, cfg.trainer)
         write_json(out / "ids.json", ids)
         tracking.log_summary(wrun, {"warmup/examples": len(ids), "warmup/checkpoints": len(ckpts)})
@@ -396,8 +393,9 @@ def selection_from_run(run: Run, src_run: Path, name: str, out: Path) -> dict:
         return m
     t0 = time.time()
     ids = read_json(src / "ids.json")
-    pool_ids = [r["id"] for r in load_pool(run)]
-    pos = {i: k for k, i in enumerate(pool_ids)}
+    pool_ids = load_pool(run).ids
+    wanted = set(ids)
+    pos = {i: k for k, i in enumerate(pool_ids) if i in wanted}
     missing = [i for i in ids if i not in pos]
     if missing or source.get("of") != len(pool_ids):
         raise ValueError(f"selection.from_run={src_run}: its {name!r} selection is over another pool "
@@ -425,7 +423,7 @@ def stage_select(run: Run) -> dict:
             continue
         t0 = time.time()
         if sel == "random":
-            ids = [r["id"] for r in load_pool(run)]
+            ids = load_pool(run).ids
             key = config_hash({"data": key_of(run, "data"), "sel": section(cfg, "selection")})
             if m := finished(out, key):
                 results[name] = m
@@ -481,7 +479,7 @@ def stage_subset(run: Run) -> dict:
             results[name] = m
             continue
         t0 = time.time()
-        stats = write_subset(pool, read_json(out / "ids.json"), meta, sub)
+        stats = write_subset(pool, np.load(out / "indices.npy"), read_json(out / "ids.json"), meta, sub)
         results[name] = finish(sub, sel_key, t0, **stats)
         with tracking.stage_run(run.cfg, f"subset-{name}", run.run_dir) as srun:
             tracking.log_files(srun, f"subset-{name}", "subset", sorted(sub.glob("*.json")))
@@ -489,9 +487,9 @@ def stage_subset(run: Run) -> dict:
 
 
 # ---------------------------------------------------------------- step 6: train on a selection
-def selection_ids(run: Run, name: str, pool: list[dict]) -> list[str]:
+def selection_ids(run: Run, name: str, pool: LazyPool) -> list:
     if name == "full":
-        return [r["id"] for r in pool]
+        return pool.ids
     path = run.run_dir / "selection" / name / "ids.json"
     if not path.exists():
         raise FileNotFoundError(f"no selection {name!r}: {path} (run the select stage first)")
@@ -532,7 +530,6 @@ def train_model(run: Run, records: list[dict], out: Path, logger_run=None) -> di
 def stage_train(run: Run) -> dict:
     cfg = run.cfg
     pool = load_pool(run)
-    by_id = {r["id"]: r for r in pool}
     results = {}
     for name in selector_names(cfg):
         ids = selection_ids(run, name, pool)
@@ -544,7 +541,7 @@ def stage_train(run: Run) -> dict:
             continue
         t0 = time.time()
         with tracking.stage_run(cfg, f"train-{name}", run.run_dir) as trun:
-            info = train_model(run, [by_id[i] for i in ids], out, trun)
+            info = train_model(run, [pool[k] for k in pool.positions_of(ids)], out, trun)
             tracking.log_summary(trun, {f"train/{k}": v for k, v in info.items()})
         results[name] = _record(run, f"train/{name}", finish(out, key, t0, selector=name, **info), out)
         print(f"[icons] trained {name}: {info['examples']} examples, loss {info['loss_first']:.3f} -> "
@@ -596,6 +593,9 @@ def stage_eval(run: Run) -> dict:
     from .evaluate import chance
 
     cfg = run.cfg
+    if cfg.tasks.get("kind", "mini_llava") == "llava_benchmarks":  # validate() refuses this config first
+        raise ConfigError("config error: the eval stage needs test splits, which tasks.kind=llava_benchmarks does "
+                          "not have: evaluate the trained models with lmms-eval (README, Real scale)")
     paths = data_paths(run)
     write_json(run.run_dir / "eval" / "chance.json", {t: chance(t, read_json(paths.test[t])) for t in cfg.tasks.names})
     results = {}

@@ -1,6 +1,6 @@
 """Step 5 output: the selected subset as LLaVA-format JSON, plus what it is made of.
 
-``subset.json`` holds the pool records exactly as they were (drop-in for LLaVA training);
+``subset.json`` holds the pool records exactly as they were read (drop-in for LLaVA training);
 ``composition.json`` compares the subset's make-up by family, label noise and duplicates (from the
 pool's side metadata, which the selector never saw) with the pool's.
 """
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Iterator, Sequence
 
-from .io import write_json
+from .io import write_json, write_json_list
 
 
 def composition(meta_rows: list[dict]) -> dict:
@@ -22,12 +23,24 @@ def composition(meta_rows: list[dict]) -> dict:
             "duplicates": round(sum("dup_of" in m for m in meta_rows) / n, 4)}
 
 
-def write_subset(pool: list[dict], ids: list[str], meta: list[dict] | None, out: Path) -> dict:
-    by_id = {r["id"]: r for r in pool}
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise KeyError(f"selected ids not in the pool: {missing[:5]}")
-    write_json(out / "subset.json", [by_id[i] for i in ids])
+def subset_rows(pool: Sequence[dict], indices: Sequence[int], ids: list) -> Iterator[dict]:
+    """The selected records, read one at a time by pool index; each must carry its selected id
+    (rows are ids: a pool that changed under the selection is caught, never written)."""
+    if len(indices) != len(ids):
+        raise ValueError(f"selection has {len(indices)} indices but {len(ids)} ids")
+    for k, (i, rid) in enumerate(zip(indices, ids)):
+        rec = pool[int(i)]
+        if rec.get("id") != rid:
+            raise KeyError(f"selected row {k}: pool index {int(i)} holds id {rec.get('id')!r}, the selection says "
+                           f"{rid!r} (the pool changed since the selection; select again)")
+        yield rec
+
+
+def write_subset(pool: Sequence[dict], indices: Sequence[int], ids: list, meta: list[dict] | None,
+                 out: Path) -> dict:
+    """``subset.json`` (streamed: the subset of a large pool is never all in memory) and, with the
+    pool's side metadata, ``composition.json``."""
+    write_json_list(out / "subset.json", subset_rows(pool, indices, ids))
     stats: dict = {"n": len(ids)}
     if meta is not None:
         by_meta = {m["id"]: m for m in meta}

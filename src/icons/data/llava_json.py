@@ -23,6 +23,10 @@ gets ``"<image>\\n"`` at the start of its first human turn (``stats["fixes"]``),
 mode (RGBA, L, P, CMYK, ...) is accepted because the encoder converts it to RGB
 (``stats["image_modes"]`` counts the modes that are not RGB).
 
+Memory: files are read in pieces (:func:`iter_spans`); with ``keep_records=False`` only the good
+records' positions and ids are kept, so a several-GB pool is validated without holding it (the
+pool itself is then read lazily: :mod:`icons.data.pool`).
+
 Positions: ``position`` is the 0-based index of the record in the file (for ``.jsonl``, among its
 non-blank lines); ``line`` is the 1-based line number of a ``.jsonl`` record (None for ``.json``).
 A problem with the file itself (missing, not UTF-8, invalid JSON in a ``.json`` file, not a list,
@@ -31,8 +35,10 @@ no records) raises :class:`PoolFileError`; a bad record is a problem of that rec
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 import stat
 import warnings
 from collections import Counter
@@ -47,6 +53,7 @@ from .encode import image_path
 
 __all__ = [
     "BadInputError",
+    "apply_policy",
     "FILE_PROBLEM_KINDS",
     "IMAGE_TOKEN",
     "PROBLEM_KINDS",
@@ -55,11 +62,15 @@ __all__ = [
     "file_signature",
     "format_problem",
     "inspect_image",
+    "is_jsonl",
     "iter_records",
+    "iter_spans",
+    "parse_line",
     "read_pool",
     "scan_file",
     "summary_error",
     "validate_records",
+    "with_image_token",
 ]
 
 IMAGE_TOKEN = "<image>"
@@ -79,6 +90,8 @@ PROBLEM_KINDS = (
     "bad_image_field",            # 'image' is not a non-empty string
     "missing_image", "not_an_image", "truncated_image", "broken_image",
     "too_long",                   # image tokens (or every answer token) beyond model.max_length
+    "wrong_task",                 # a task file's record whose 'task' names another task
+    "bad_subtask",                # a task file's record whose 'subtask' is not a non-empty string
 )
 #: kinds of problems with a whole file (always fatal, also under on_bad_record=skip)
 FILE_PROBLEM_KINDS = ("missing_file", "bad_file_type", "file_not_utf8", "invalid_json_file", "not_a_list",
@@ -123,73 +136,185 @@ def _file_error(file: Path, kind: str, message: str, line: int | None = None, fi
 
 
 # --------------------------------------------------------------------------- reading
+#: bytes decoded at a time when a .json file is scanned (its records are never all in memory)
+CHUNK = 1 << 24
+_BOM = b"\xef\xbb\xbf"
+_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+#: what a top level that is not a list is, by its first character
+_TOP_TYPES = {"{": "dict", '"': "str", "t": "bool", "f": "bool", "n": "NoneType", "-": "number",
+              **{d: "number" for d in "0123456789"}}
+
+
 def _json_error_message(err: json.JSONDecodeError) -> str:
     return f"invalid JSON at column {err.colno}: {err.msg}"
+
+
+def is_jsonl(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in (".jsonl", ".ndjson")
+
+
+def iter_spans(path: str | Path) -> Iterator[tuple[int, int, int, Any]]:
+    """``(start, end, line, payload)`` of every record of a ``.json`` or ``.jsonl`` file, in order.
+
+    ``start``/``end``: the record's byte span (``.jsonl``: its whole line); ``line``: the 1-based
+    line it starts on. ``payload``: the raw line (``.jsonl``, parsed by the caller so that a bad
+    line is a problem of that record only) or the parsed value (``.json``, where bad JSON or bytes
+    that are not UTF-8 break the whole file: :class:`PoolFileError`). Either way the file is read
+    in pieces, never whole.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _file_error(path, "missing_file", "file does not exist" if not path.exists() else "is not a file")
+    if is_jsonl(path):
+        yield from _jsonl_spans(path)
+    elif path.suffix.lower() == ".json":
+        yield from _json_spans(path)
+    else:
+        raise _file_error(path, "bad_file_type",
+                          f"expected a .json (list of records) or .jsonl file, got {path.suffix.lower()!r}")
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, int | None, Any, dict | None]]:
     """``(position, line, record, problem)`` for every record of a ``.json`` or ``.jsonl`` file.
 
     ``record`` is the parsed JSON value (None when the line could not be parsed, then ``problem``
-    says why). A ``.jsonl`` file is read line by line (never whole); a ``.json`` file must be one
-    list. Raises :class:`PoolFileError` for a problem with the file as a whole.
+    says why); ``line`` is None for a ``.json`` record. Raises :class:`PoolFileError` for a
+    problem with the file as a whole (see :func:`iter_spans`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise _file_error(path, "missing_file", "file does not exist" if not path.exists() else "is not a file")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        yield from _iter_jsonl(path)
-    elif suffix == ".json":
-        yield from _iter_json(path)
-    else:
-        raise _file_error(path, "bad_file_type", f"expected a .json (list of records) or .jsonl file, got {suffix!r}")
+    jsonl = is_jsonl(path)
+    for pos, (_, _, line, payload) in enumerate(iter_spans(path)):
+        if jsonl:
+            yield (pos, line, *parse_line(path, pos, line, payload))
+        else:
+            yield pos, None, payload, None
 
 
-def _iter_json(path: Path) -> Iterator[tuple[int, int | None, Any, dict | None]]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise _file_error(path, "file_not_utf8",
-                          f"byte 0x{raw[err.start]:02x} at offset {err.start} is not valid UTF-8 "
-                          f"(LLaVA files are UTF-8)", line=line) from None
-    del raw
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise _file_error(path, "invalid_json_file", _json_error_message(err), line=err.lineno) from None
-    del text
-    if not isinstance(data, list):
-        raise _file_error(path, "not_a_list", f"top level is a JSON {type(data).__name__}, expected a list of "
-                                              f"records (use .jsonl for one record per line)")
-    for pos, rec in enumerate(data):
-        yield pos, None, rec, None
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, int | None, Any, dict | None]]:
-    pos = 0
+def _jsonl_spans(path: Path) -> Iterator[tuple[int, int, int, bytes]]:
+    offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
+            start, offset = offset, offset + len(raw)
+            if raw.strip():
+                yield start, offset, lineno, raw
+
+
+def parse_line(path: str | Path, pos: int, lineno: int, raw: bytes) -> tuple[Any, dict | None]:
+    """``(record, None)`` or ``(None, problem)`` for one ``.jsonl`` line."""
+    try:
+        text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        return None, problem(path, pos, lineno, None, None, "not_utf8",
+                             f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not valid UTF-8")
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        return None, problem(path, pos, lineno, None, None, "invalid_json", _json_error_message(err))
+
+
+class _JsonText:
+    """A UTF-8 file's text decoded chunk by chunk, with the byte offset, line and column of a cursor
+    (text before the cursor is dropped, so memory stays about one chunk)."""
+
+    def __init__(self, path: Path, f, chunk: int):
+        self.path, self.f, self.chunk = path, f, chunk
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.byte = len(_BOM) if f.read(len(_BOM)) == _BOM else 0
+        f.seek(self.byte)
+        self.read = self.byte
+        self.buf, self.pos, self.line, self.col = "", 0, 1, 0
+        self.eof = False
+
+    def more(self) -> bool:
+        """Append the next chunk; False when the file was already read to its end."""
+        if self.eof:
+            return False
+        raw = self.f.read(self.chunk)
+        self.eof = not raw
+        try:
+            text = self.decoder.decode(raw, final=self.eof)
+        except UnicodeDecodeError as err:
+            pending = len(err.object) - len(raw)  # bytes of a character cut by the previous chunk
+            raise self._not_utf8(self.read - pending + err.start, err.object[err.start]) from None
+        self.read += len(raw)
+        self.buf, self.pos = self.buf[self.pos:] + text, 0
+        return True
+
+    def advance(self, to: int) -> None:
+        seg = self.buf[self.pos:to]
+        self.byte += len(seg.encode("utf-8"))
+        newlines = seg.count("\n")
+        self.line += newlines
+        self.col = len(seg) - seg.rfind("\n") - 1 if newlines else self.col + len(seg)
+        self.pos = to
+
+    def peek(self) -> str | None:
+        """Skip whitespace; the next character (None at the end of the file)."""
+        while True:
+            end = _SPACE.match(self.buf, self.pos).end()
+            self.advance(end)
+            if end < len(self.buf):
+                return self.buf[end]
+            if not self.more():
+                return None
+
+    def value(self) -> tuple[Any, int, int]:
+        """The JSON value at the cursor, its start byte and line; the cursor moves past it."""
+        while True:
             try:
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                yield pos, lineno, None, problem(
-                    path, pos, lineno, None, None, "not_utf8",
-                    f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not valid UTF-8")
-                pos += 1
-                continue
-            try:
-                rec = json.loads(text)
+                value, end = _DECODER.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as err:
-                yield pos, lineno, None, problem(path, pos, lineno, None, None, "invalid_json",
-                                                 _json_error_message(err))
-            else:
-                yield pos, lineno, rec, None
-            pos += 1
+                if self.more():  # the value may go on in the next chunk
+                    continue
+                raise self.invalid(err.msg, err.pos) from None
+            if end == len(self.buf) and self.more():  # a number or literal may go on, too
+                continue
+            start, line = self.byte, self.line
+            self.advance(end)
+            return value, start, line
+
+    def invalid(self, msg: str, at: int) -> PoolFileError:
+        seg = self.buf[self.pos:at]
+        newlines = seg.count("\n")
+        col = (len(seg) - seg.rfind("\n") - 1 if newlines else self.col + len(seg)) + 1
+        return _file_error(self.path, "invalid_json_file", f"invalid JSON at column {col}: {msg}",
+                           line=self.line + newlines)
+
+    def _not_utf8(self, offset: int, byte: int) -> PoolFileError:
+        with open(self.path, "rb") as f:  # the line of a bad byte: count newlines up to it (an error path only)
+            line, left = 1, offset
+            while left > 0:
+                block = f.read(min(self.chunk, left))
+                line, left = line + block.count(b"\n"), left - len(block)
+        return _file_error(self.path, "file_not_utf8",
+                           f"byte 0x{byte:02x} at offset {offset} is not valid UTF-8 (LLaVA files are UTF-8)",
+                           line=line)
+
+
+def _json_spans(path: Path, chunk: int | None = None) -> Iterator[tuple[int, int, int, Any]]:
+    """The elements of a top-level JSON list, one at a time, with their byte spans."""
+    with open(path, "rb") as f:
+        text = _JsonText(path, f, chunk or CHUNK)
+        first = text.peek()
+        if first != "[":
+            if first in _TOP_TYPES:
+                raise _file_error(path, "not_a_list", f"top level is a JSON {_TOP_TYPES[first]}, expected a list of "
+                                                      f"records (use .jsonl for one record per line)")
+            raise text.invalid("Expecting value", text.pos)
+        text.advance(text.pos + 1)
+        nxt = text.peek()
+        while nxt != "]":
+            value, start, line = text.value()
+            yield start, text.byte, line, value
+            nxt = text.peek()
+            if nxt == ",":
+                text.advance(text.pos + 1)
+                text.peek()
+            elif nxt != "]":
+                raise text.invalid("Expecting ',' delimiter", text.pos)
+        text.advance(text.pos + 1)
+        if text.peek() is not None:
+            raise text.invalid("Extra data", text.pos)
 
 
 # --------------------------------------------------------------------------- images
@@ -242,6 +367,8 @@ class ReadResult:
     records: list[dict] = field(default_factory=list)
     #: 0-based position in the file of each good record (aligned with ``records``)
     positions: list[int] = field(default_factory=list)
+    #: id of each good record (aligned with ``positions``; kept also when ``records`` is not)
+    ids: list = field(default_factory=list)
     problems: list[dict] = field(default_factory=list)
     #: records whose answer text was cut to max_length: {file, position, line, id, tokens, max_length}
     truncated: list[dict] = field(default_factory=list)
@@ -264,12 +391,26 @@ def summary_error(problems: list[dict], hint: str = "") -> str:
     return f"bad input: {format_problem(problems[0])}{tail}{hint}"
 
 
+def with_image_token(rec: dict) -> dict:
+    """LLaVA's repair: an image record without ``<image>`` in any human turn gets it at the start
+    of its first human turn (the record itself is returned when nothing is missing)."""
+    if rec.get("image") is None:
+        return rec
+    conv = rec["conversations"]
+    if any(t["from"] == "human" and IMAGE_TOKEN in t["value"] for t in conv):
+        return rec
+    return dict(rec, conversations=[dict(conv[0], value=f"{IMAGE_TOKEN}\n{conv[0]['value']}"), *conv[1:]])
+
+
 class _Validator:
-    def __init__(self, file: str | Path, image_root: str | Path | None, encoder=None, with_answer: bool = True):
+    def __init__(self, file: str | Path, image_root: str | Path | None, encoder=None, with_answer: bool = True,
+                 keep_records: bool = True, task: str | None = None):
         self.file = str(file)
         self.image_root = Path(image_root) if image_root is not None else None
         self.encoder = encoder
         self.with_answer = with_answer
+        self.keep_records = keep_records
+        self.task = task
         self.seen: dict[Any, int] = {}
         self.result = ReadResult(self.file)
         self.counts = Counter()
@@ -295,6 +436,8 @@ class _Validator:
             return
         rid = rec.get("id")
         self._check_id(rec, pos, bad)
+        if self.task is not None:
+            self._check_task(rec, bad)
         has_image = rec.get("image") is not None
         self.counts["with_image" if has_image else "text_only"] += 1
         fixed = self._check_conversations(rec, has_image, bad)
@@ -306,8 +449,10 @@ class _Validator:
             return
         if mode is not None and mode != "RGB":
             self.modes[mode] += 1
-        self.result.records.append(fixed)
+        if self.keep_records:
+            self.result.records.append(fixed)
         self.result.positions.append(pos)
+        self.result.ids.append(rid)
 
     def _bad(self, probs: list[dict]) -> None:
         self.counts["bad"] += 1
@@ -328,6 +473,14 @@ class _Validator:
         first = self.seen.setdefault(rid, pos)
         if first != pos:
             bad("id", "duplicate_id", f"id {rid!r} is already used by record {first} (ids must be unique)")
+
+    def _check_task(self, rec: dict, bad) -> None:
+        # a task file's records belong to its task (a file saved under another task's name is caught)
+        if rec.get("task", self.task) != self.task:
+            bad("task", "wrong_task", f"names task {rec['task']!r}, but this is the {self.task!r} file")
+        sub = rec.get("subtask")
+        if sub is not None and (not isinstance(sub, str) or not sub.strip()):
+            bad("subtask", "bad_subtask", f"must be a non-empty string (the sub-task's group), got {sub!r}")
 
     def _check_conversations(self, rec: dict, has_image: bool, bad) -> dict | None:
         """The record with the repairs applied (or None when its conversations are unusable)."""
@@ -381,12 +534,10 @@ class _Validator:
             ok = False
         if not ok:
             return None
-        if has_image and n_human == 0:
-            # LLaVA puts the image first in the first human turn
-            conv = [dict(conv[0], value=f"{IMAGE_TOKEN}\n{conv[0]['value']}"), *conv[1:]]
+        fixed = with_image_token(rec)
+        if fixed is not rec:
             self.fixes["image_token_inserted"] += 1
-            return dict(rec, conversations=conv)
-        return rec
+        return fixed
 
     def _check_image(self, rec: dict, has_image: bool, bad) -> str | None:
         value = rec["image"]
@@ -431,7 +582,7 @@ class _Validator:
 
     def finish(self) -> ReadResult:
         r = self.result
-        r.stats = {"records": self.counts["records"], "ok": len(r.records), "bad": self.counts["bad"],
+        r.stats = {"records": self.counts["records"], "ok": len(r.positions), "bad": self.counts["bad"],
                    "with_image": self.counts["with_image"], "text_only": self.counts["text_only"],
                    "problems": dict(sorted(self.kinds.items())), "fixes": dict(sorted(self.fixes.items())),
                    "image_modes": dict(sorted(self.modes.items())), "truncated": self.counts["truncated"]}
@@ -447,40 +598,50 @@ def validate_records(records: Iterable[Any], *, file: str | Path = "<records>", 
     return v.finish()
 
 
-def scan_file(path: str | Path, image_root: str | Path | None = None, *, encoder=None,
-              with_answer: bool = True) -> ReadResult:
+def scan_file(path: str | Path, image_root: str | Path | None = None, *, encoder=None, with_answer: bool = True,
+              keep_records: bool = True, task: str | None = None) -> ReadResult:
     """Validate every record of a file and return all of it (good records, problems, counts), with
-    no policy: only a problem with the file as a whole raises (:class:`PoolFileError`)."""
+    no policy: only a problem with the file as a whole raises (:class:`PoolFileError`).
+
+    ``keep_records=False``: only positions and ids of the good records are kept (a large pool).
+    ``task``: the file is that task's set (records naming another ``task`` are problems)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    v = _Validator(path, root, encoder, with_answer)
+    v = _Validator(path, root, encoder, with_answer, keep_records, task)
     for pos, line, rec, prob in iter_records(path):
         v.add(pos, line, rec, prob)
     return v.finish()
 
 
-def read_pool(path: str | Path, image_root: str | Path | None = None, on_bad_record: str = "error", *,
-              encoder=None, with_answer: bool = True) -> ReadResult:
-    """Read and validate a LLaVA ``.json``/``.jsonl`` file.
-
-    ``image_root`` defaults to the file's directory. ``on_bad_record="error"`` raises
-    :class:`BadInputError` (one line, the first problem) after reading the whole file when any
-    record is bad; ``"skip"`` returns the good records and the problems. A file problem, or a
-    file without any (good) record, raises :class:`PoolFileError` in both modes.
-    """
+def apply_policy(result: ReadResult, on_bad_record: str) -> ReadResult:
+    """``on_bad_record="error"``: raise :class:`BadInputError` naming the first problem, if any;
+    ``"skip"``: keep the good records. A file without any (good) record raises
+    :class:`PoolFileError` under both."""
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record={on_bad_record!r} must be 'error' or 'skip'")
-    path = Path(path)
-    result = scan_file(path, image_root, encoder=encoder, with_answer=with_answer)
+    path = Path(result.file)
     if result.stats["records"] == 0:
         raise _file_error(path, "empty_file", "contains no records")
     if on_bad_record == "error":
         result.raise_if_bad()
-    if not result.records:
+    if not result.stats["ok"]:
         raise _file_error(path, "empty_file",
                           f"none of its {result.stats['records']} records is usable "
                           f"(first problem: {format_problem(result.problems[0])})")
     return result
+
+
+def read_pool(path: str | Path, image_root: str | Path | None = None, on_bad_record: str = "error", *,
+              encoder=None, with_answer: bool = True, keep_records: bool = True, task: str | None = None
+              ) -> ReadResult:
+    """Read and validate a LLaVA ``.json``/``.jsonl`` file (:func:`scan_file`, then
+    :func:`apply_policy`). ``image_root`` defaults to the file's directory. The whole file is read
+    before ``on_bad_record="error"`` raises."""
+    if on_bad_record not in ("error", "skip"):
+        raise ValueError(f"on_bad_record={on_bad_record!r} must be 'error' or 'skip'")
+    result = scan_file(path, image_root, encoder=encoder, with_answer=with_answer, keep_records=keep_records,
+                       task=task)
+    return apply_policy(result, on_bad_record)
 
 
 def file_signature(path: str | Path) -> dict:

@@ -294,7 +294,8 @@ def mmbench(tsv: Path, n: int, seed: int, out_dir: Path, lang: str = "en", image
     dev split is the one LLaVA-1.5 evaluates and the test split has no answers, so this needs
     ``holdout=True`` (the sampled questions are listed for exclusion from evaluation). Images are
     decoded and written to ``out_dir/<task>_images/<index>.<ext>``; the records name them
-    ``<image_prefix>/<index>.<ext>`` (default ``<task>_images``: relative to ``out_dir``). Prompt as LLaVA-1.5's
+    ``<image_prefix>/<index>.<ext>`` (default ``<task>_images``: relative to ``out_dir``, which the meta
+    then says as ``"image_root": "."``). Prompt as LLaVA-1.5's
     ``model_vqa_mmbench``: hint, question, ``A. option`` lines, the letter instruction (Chinese
     for ``lang=cn``)."""
     from PIL import Image
@@ -327,7 +328,10 @@ def mmbench(tsv: Path, n: int, seed: int, out_dir: Path, lang: str = "en", image
         out.append(record(task, r["index"], suffixed("\n".join(lines), MC_CN if lang == "cn" else MC_EN),
                           r["answer"].strip(), join(prefix, name), options=[o for _, o in options],
                           category=r.get("category")))
-    return out, {"split": "holdout", "candidates": len(rows), "heldout": [r["id"] for r in out]}
+    meta = {"split": "holdout", "candidates": len(rows), "heldout": [r["id"] for r in out]}
+    if image_prefix is None:  # the default names are relative to out_dir: readers resolve them there
+        meta["image_root"] = "."
+    return out, meta
 
 
 # ---------------------------------------------------------------- LLaVA-Bench

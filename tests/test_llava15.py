@@ -390,12 +390,12 @@ def test_experiment_llava_20pct_composes(compose_cfg, tmp_path):
     assert (obj.data.name, obj.data.kind, obj.data.path) == ("llava_665k", "llava_json",
                                                              "./playground/data/llava_v1_5_mix665k.json")
     assert (obj.tasks.kind, obj.tasks.dir) == ("llava_benchmarks", "./playground/data/icons_val")
-    assert obj.stages[-1] == "train" and not {"eval", "report"} & set(obj.stages)  # evaluation: lmms-eval
+    assert obj.stages[-2:] == ["train", "export"] and not {"eval", "report"} & set(obj.stages)  # lmms-eval
     t = obj.train
     assert (t.mode, t.lr, t.scheduler, t.warmup_ratio, t.epochs, t.batch_size) == ("lora", 2e-4, "cosine", 0.03, 1,
                                                                                   128)
     assert (obj.warmup.fraction, obj.gradient.kind) == (0.05, "adam")
-    assert (obj.projection.kind, obj.projection.dim) == ("rademacher", 5120)
+    assert (obj.projection.kind, obj.projection.dim) == ("kronecker", 5120)
     assert (obj.consensus.method, obj.consensus.threshold_percentile, obj.selection.ratio) == ("vote", 80.0, 0.2)
     assert obj.trainer.accelerator == "gpu" and obj.selection.from_run is None
     # the user's files replace the placeholders

@@ -403,3 +403,9 @@ def test_rademacher_accumulated_per_matrix_equals_projecting_the_concatenation(c
     # the identity's blocks: the concatenation
     ident = make_projection("none", flat.shape[1], 0, 0)
     assert torch.equal(ident.project_blocks(blocks), flat)
+
+
+def test_rademacher_refuses_a_map_it_would_regenerate_for_hours():
+    # LLaVA-7B at r 128 with dim 5120: 3.2e8 x 5120 signs per batch; refused before any allocation
+    with pytest.raises(ValueError, match="kronecker"):
+        make_projection("rademacher", 320_000_000, 5120, 0)

@@ -49,10 +49,12 @@ def generate(model, encoder: Encoder, records: list[dict], max_new_tokens: int, 
     out: list[str] = [""] * len(items)
     tok = encoder.tok
     model.eval()
+    device = next(model.parameters()).device
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         batch = collate([items[i] for i in idx], tok.pad_token_id, left_pad=True)
         batch.pop("labels")
+        batch = {k: v.to(device) for k, v in batch.items()}
         gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         new = gen[:, batch["input_ids"].shape[1]:]

@@ -242,6 +242,29 @@ def load_base(run: Run):
     return tiny_llava.load(path)
 
 
+def save_model(run: Run, model, tokenizer, path: Path) -> None:
+    """A trained model as an HF checkpoint with the processor of its kind (LLaVA-1.5: the CLIP
+    tower's image processor, so the directory loads like any llava-hf release)."""
+    from .models import llava15, tiny_llava
+
+    m = run.cfg.model
+    if m.get("template", "tiny") == "vicuna_v1":
+        src = m.vision_path if m.kind == "llava_1_5" else m.path
+        llava15.save(model, tokenizer, llava15.Preprocess(llava15.image_processor(src, int(m.image_size))), path)
+    else:
+        tiny_llava.save(model, tokenizer, path, m.image_size, m.patch_size)
+
+
+def load_model(run: Run, path: Path):
+    """(model, tokenizer) of a directory written by :func:`save_model`."""
+    from .models import llava15, tiny_llava
+
+    if run.cfg.model.get("template", "tiny") == "vicuna_v1":
+        model, tok, _ = llava15.load(path, run.cfg.model.dtype)
+        return model, tok
+    return tiny_llava.load(path)
+
+
 def make_encoder(run: Run, tokenizer) -> Encoder:
     from .models.tiny_llava import n_image_tokens
 
@@ -291,7 +314,7 @@ def warmup_checkpoints(run: Run) -> list[Path]:
 
 # ---------------------------------------------------------------- ICONS step 2: features
 def stage_features(run: Run) -> dict:
-    from .features.sharded import extract_distributed, init_distributed
+    from .features.sharded import compute_device, extract_distributed, init_distributed
     from .models.lora import add_lora
     from .warmup import load_checkpoint
 
@@ -306,6 +329,7 @@ def stage_features(run: Run) -> dict:
     # data parallel when launched by torchrun / srun (RANK, WORLD_SIZE): each rank writes its rows
     # of the shared store (features/sharded.py); rank 0 logs and records the result
     rank, world = init_distributed()
+    device = compute_device(cfg.trainer)
     frun = tracking.start_run(cfg, "features", run.run_dir) if rank == 0 else None
     metas = {}
     try:
@@ -313,7 +337,7 @@ def stage_features(run: Run) -> dict:
             model, tok = load_base(run)
             model = add_lora(model, cfg.model.lora)
             moments = load_checkpoint(model, ckpt)
-            model.eval()
+            model.to(device).eval()
             meta = extract_distributed(model, make_encoder(run, tok), pool, val, out / ckpt.name,
                                        moments if cfg.gradient.kind == "adam" else None, cfg.projection.kind,
                                        cfg.projection.dim, cfg.projection.seed, cfg.gradient.batch_size,
@@ -497,7 +521,6 @@ def selection_ids(run: Run, name: str, pool: LazyPool) -> list:
 
 
 def train_model(run: Run, records: list[dict], out: Path, logger_run=None) -> dict:
-    from .models import tiny_llava
 
     cfg = run.cfg
     model, tok = load_base(run)
@@ -517,7 +540,7 @@ def train_model(run: Run, records: list[dict], out: Path, logger_run=None) -> di
     module = fit(model, batches, optim, cfg.trainer, label=f"train {out.name}")
     if cfg.train.mode == "lora":
         model = model.merge_and_unload()
-    tiny_llava.save(model, tok, out / "model", cfg.model.image_size, cfg.model.patch_size)
+    save_model(run, model, tok, out / "model")
     losses = module.losses
     k = max(1, len(losses) // 50)
     curve = [sum(losses[i:i + k]) / len(losses[i:i + k]) for i in range(0, len(losses), k)]
@@ -576,10 +599,11 @@ def stage_export(run: Run) -> dict:
 def evaluate_model(run: Run, model_dir: Path | None) -> dict:
     from .data.mini_llava import LONG_ANSWER_TASKS
     from .evaluate import evaluate_task
-    from .models import tiny_llava
+    from .features.sharded import compute_device
 
     cfg = run.cfg
-    model, tok = load_base(run) if model_dir is None else tiny_llava.load(model_dir)
+    model, tok = load_base(run) if model_dir is None else load_model(run, model_dir)
+    model.to(compute_device(cfg.trainer))
     paths = data_paths(run)
     enc = make_encoder(run, tok)
     out = {}

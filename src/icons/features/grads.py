@@ -78,8 +78,9 @@ class PerExampleGrads:
         for ``blocks``. Returns the per-example losses (B,)."""
         self._inputs.clear()
         self._grads.clear()
-        labels = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        device = next(self.model.parameters()).device  # batches are collated on the CPU
+        labels = batch["labels"].to(device)
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         with torch.enable_grad():
             out = self.model(**inputs)
             losses = per_example_loss(out.logits, labels)

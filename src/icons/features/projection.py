@@ -63,8 +63,16 @@ class Rademacher(Projection):
     CACHE_LIMIT = 1 << 28  # cache the +-1 blocks as int8 up to 256 MiB
     FLOAT_CACHE_LIMIT = 1 << 30  # ... and as float32 (no conversion per use) up to 1 GiB
 
+    #: beyond this many entries the map is regenerated on the CPU for every batch: hours per batch
+    #: at LLaVA-7B scale (3.2e8 x 5120 = 1.6e12), so it is refused with a pointer to kronecker
+    MAX_ENTRIES = 1 << 36
+
     def __init__(self, in_dim: int, dim: int, seed: int = 0):
         super().__init__(in_dim, dim, seed)
+        if in_dim * dim > self.MAX_ENTRIES:
+            raise ValueError(f"projection=rademacher: a {in_dim} x {dim} dense map ({in_dim * dim:.2e} signs) would be "
+                             f"regenerated for every batch; use projection=kronecker (dim a multiple of the LoRA "
+                             f"rank) or a smaller projection.dim")
         self._float = in_dim * dim * 4 <= self.FLOAT_CACHE_LIMIT
         small = in_dim * dim <= self.CACHE_LIMIT and not self._float
         self._cache: dict[int, torch.Tensor] | None = {} if small else None

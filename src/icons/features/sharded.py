@@ -62,6 +62,21 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
     return rank, world
 
 
+def compute_device(trainer_cfg=None) -> torch.device:
+    """Where the stages that run outside Lightning (features, eval) put the model:
+    ``trainer.accelerator`` cpu -> CPU; gpu/cuda -> ``cuda:LOCAL_RANK`` (an error if there is no
+    CUDA device, rather than a silent CPU run); auto -> CUDA when present, else CPU."""
+    acc = str(getattr(trainer_cfg, "accelerator", "cpu"))
+    if acc == "cpu" or (acc == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if acc in ("gpu", "cuda", "auto"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"trainer.accelerator={acc} but torch sees no CUDA device (torch "
+                             f"{torch.__version__}); use trainer=cpu")
+        return torch.device("cuda", dist_env()[2] % torch.cuda.device_count())
+    raise ValueError(f"trainer.accelerator={acc}: the features and eval stages run on cpu, gpu/cuda or auto")
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -1,0 +1,81 @@
+"""The benchmark and diagnostic commands run end to end at toy sizes and print their
+machine-readable last lines (their numbers are measurements, not asserted here)."""
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from icons.data.mini_llava.pretraining import TEXT_MIXES, base_example, base_stream, facts_example
+from icons.features.sharded import compute_device
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _last_line(args: list[str], tmp_path) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin",
+                              "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_bench_features_line(tmp_path):
+    line = _last_line(["-m", "icons.bench.features", "--examples", "8", "--batch-size", "4", "--dim", "64",
+                       "--repeats", "1", "--projection", "kronecker"], tmp_path)
+    assert re.fullmatch(r"speedup_vs_reference=[\d.]+ speedup_vs_reference_regen=[\d.]+ cost_vs_train_step=[\d.]+", line)
+
+
+def test_bench_throughput_line(tmp_path):
+    line = _last_line(["-m", "icons.bench.throughput", "--size", "tiny", "--device", "cpu", "--examples", "8",
+                       "--val", "4", "--batch-size", "4", "--dim", "64", "--r", "8", "--alpha", "16",
+                       "--train-batches", "1", "--bs1-examples", "1"], tmp_path)
+    assert re.fullmatch(r"examples_per_s=[\d.]+ tokens_per_s=\d+ peak_gib=nan cost_vs_train_step=[\d.]+ "
+                        r"speedup_vs_bs1_floor=[\d.]+", line)
+
+
+def test_lm_lookup_curve(tmp_path):
+    out = tmp_path / "curve.jsonl"
+    _last_line([str(ROOT / "experiments" / "lm_lookup.py"), "--steps", "4", "--eval-every", "2", "--eval-n", "20",
+                "--batch-size", "4", "--layers", "1", "--hidden", "32", "--device", "cpu", "--out", str(out)], tmp_path)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(0 <= r["mean"] <= 100 and "context_color" in r for r in rows)
+
+
+def test_lm_phase_comes_first_and_leaves_the_mixed_stream_unchanged_without_it():
+    first = [r for _, r in zip(range(40), base_stream(0, 0.5, 3, lm_examples=25))]
+    assert all(r["_spec"] is None for r in first[:25])
+    plain = [r for _, r in zip(range(30), base_stream(0, 0.5, 3))]
+    rng = random.Random(0)
+    assert plain == [base_example(rng, 0.5, 3) for _ in range(30)]  # lm_examples=0: stream v3 as shipped
+    with pytest.raises(ValueError, match="stream version 99"):
+        next(base_stream(0, 0.5, 99))
+
+
+def test_facts_answer_is_in_the_facts():
+    rng = random.Random(3)
+    for _ in range(50):
+        q, a = facts_example(rng)
+        facts = q["value"].split(" Question : ")[0]
+        assert q["value"].startswith("Facts : ") and a["value"] in facts.split()
+    assert "facts" in TEXT_MIXES[4] and "facts" not in TEXT_MIXES[3]
+
+
+def test_compute_device(monkeypatch):
+    from types import SimpleNamespace
+
+    assert compute_device(SimpleNamespace(accelerator="cpu")) == torch.device("cpu")
+    assert compute_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compute_device(SimpleNamespace(accelerator="auto")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        compute_device(SimpleNamespace(accelerator="gpu"))
+    with pytest.raises(ValueError, match="tpu"):
+        compute_device(SimpleNamespace(accelerator="tpu"))

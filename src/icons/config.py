@@ -50,6 +50,7 @@ __all__ = [
     "GradientConfig",
     "WarmupConfig",
     "FieldError",
+    "accumulation",
     "GROUP_SCHEMAS",
     "KNOWN_STAGES",
     "LMMS_EVAL_TASKS",
@@ -281,6 +282,10 @@ TASKS_KIND_CHOICES = ("mini_llava", "llava_benchmarks")
 EVAL_STAGES = ("eval", "report")
 ON_BAD_RECORD_CHOICES = ("error", "skip")
 ACCELERATOR_CHOICES = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
+#: Lightning strategies icons runs on: one device, DDP (find_unused: full-mode training leaves the
+#: projector without a gradient on a text-only micro-batch) and FSDP (GPU only, full state dicts).
+#: DeepSpeed is not offered: it is not installed, and Lightning needs the package for it.
+STRATEGY_CHOICES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp")
 PRECISION_CHOICES = (
     "64-true",
     "32-true",
@@ -525,13 +530,41 @@ class TrainerConfig:
     num_workers: int = 0
     #: torch.set_num_threads; 0 = torch default
     threads: int = 2
+    #: examples per device per forward; null = global batch / world size (no accumulation). The
+    #: global batch (train.batch_size, warmup.batch_size) = micro_batch_size x world size x accumulation
+    micro_batch_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_choice(self, "accelerator", ACCELERATOR_CHOICES)
         _positive(self, "devices", "num_nodes")
-        _check_nonempty_str(self, "strategy")
+        _check_choice(self, "strategy", STRATEGY_CHOICES)
+        if self.strategy == "fsdp" and self.accelerator not in ("gpu", "cuda") and not _unresolved(self.accelerator):
+            raise FieldError("strategy", self.strategy, f"needs a GPU ({{prefix}}accelerator={self.accelerator})")
         _check_choice(self, "precision", PRECISION_CHOICES)
         _non_negative(self, "num_workers", "threads")
+        if self.micro_batch_size is not None:
+            _positive(self, "micro_batch_size")
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+def accumulation(global_batch: int, world_size: int, micro_batch: Optional[int] = None) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) for a global batch: global = micro x world x accumulation.
+
+    ``micro_batch`` None: global / world, no accumulation. Raises ValueError (the reason, to follow
+    the global batch's key and value) when the numbers do not divide."""
+    if micro_batch is None:
+        if global_batch % world_size:
+            raise ValueError(f"must be a multiple of the world size {world_size} "
+                             f"(trainer.devices x trainer.num_nodes), or set trainer.micro_batch_size")
+        return global_batch // world_size, 1
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ValueError(f"must be a multiple of trainer.micro_batch_size x world size = {micro_batch} x "
+                         f"{world_size} = {per_step} (world size = trainer.devices x trainer.num_nodes)")
+    return micro_batch, global_batch // per_step
 
 
 @dataclass
@@ -746,6 +779,13 @@ class RootConfig:
                                  f"real benchmarks have no test split here; evaluate the trained models with "
                                  f"lmms-eval (README, Real scale) and leave {', '.join(EVAL_STAGES)} out of stages")
         _check_nonempty_str(self, "cache_dir", "experiment_name")
+        # the global batches must split evenly over devices and micro-batches
+        for key, batch in (("train.batch_size", self.train.batch_size), ("warmup.batch_size", self.warmup.batch_size)):
+            if _numbers(self.trainer, "devices", "num_nodes"):
+                try:
+                    accumulation(batch, self.trainer.world_size, self.trainer.micro_batch_size)
+                except ValueError as err:
+                    raise FieldError(key, batch, str(err)) from None
         if not _unresolved(self.experiment_name) and "/" in self.experiment_name or self.experiment_name in (".", ".."):
             raise FieldError("experiment_name", self.experiment_name, "must be a plain name (no '/')")
 

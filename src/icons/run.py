@@ -28,6 +28,17 @@ from omegaconf import DictConfig  # noqa: E402
 from .config import CONFIG_NAME, CONFIG_PATH, ConfigError, validate  # noqa: E402
 
 
+def check_processes(cfg: DictConfig) -> None:
+    """A torchrun/srun job's processes must agree on the run directory: Hydra's default is a
+    timestamp each process takes for itself."""
+    from .features.sharded import dist_env
+
+    world = dist_env()[1]
+    if world > 1 and not cfg.run_dir:
+        raise ConfigError(f"config error: run_dir=null must be set for a job of {world} processes (torchrun/srun): "
+                          f"each would pick its own timestamped directory")
+
+
 def directories(cfg: DictConfig) -> tuple[Path, Path]:
     """(run_dir, study_dir): a multirun's jobs share the sweep directory as their study."""
     hc = HydraConfig.get()
@@ -40,6 +51,7 @@ def directories(cfg: DictConfig) -> tuple[Path, Path]:
 def main(cfg: DictConfig) -> None:
     try:
         validate(cfg)
+        check_processes(cfg)
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         sys.exit(2)

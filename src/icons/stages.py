@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,8 @@ from .data.encode import Encoder, EncodedDataset
 from .data.mini_llava.pretraining import STREAM_VERSION
 from .data.pool import LazyPool
 from .io import config_hash, read_json, read_jsonl, save_npy, slow_point, write_json, write_jsonl
-from .train import OptimConfig, ShuffledBatches, fit, set_trainable
+from .features.sharded import barrier, init_distributed, is_main_process
+from .train import OptimConfig, batches_for, fit, set_trainable
 
 
 @dataclass
@@ -95,7 +96,8 @@ def finished(stage_dir: Path, key: str) -> dict | None:
 
 def finish(stage_dir: Path, key: str, t0: float, **info) -> dict:
     m = {"key": key, "wall_s": round(time.time() - t0, 2), **info}
-    write_json(stage_dir / "manifest.json", m)
+    if is_main_process():  # data-parallel stages: rank 0 writes
+        write_json(stage_dir / "manifest.json", m)
     return m
 
 
@@ -111,6 +113,8 @@ def key_of(run: Run, stage: str) -> str:
 def _record(run: Run, stage: str, manifest: dict, path: Path) -> dict:
     """Remember in the run directory which (possibly shared) result this run used."""
     p = run.run_dir / "stages.json"
+    if not is_main_process():
+        return manifest
     table = read_json(p) if p.exists() else {}
     table[stage] = {"key": manifest["key"], "path": str(path), "wall_s": manifest.get("wall_s", 0.0)}
     write_json(p, table)
@@ -210,11 +214,15 @@ def resolve_base(cfg: DictConfig) -> Path:
     if cfg.model.path:
         return Path(cfg.model.path)
     recipe = base_recipe(cfg)
+    multi = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     shipped = ASSET / "icons_base.json"
     if shipped.exists() and read_json(shipped)["recipe"] == recipe:
         return ASSET
     cached = Path(cfg.cache_dir) / "tiny_llava_base" / config_hash(recipe)
     if not (cached / "icons_base.json").exists():
+        if multi:  # rank 0 runs this stage alone; the others wait for it
+            raise RuntimeError(f"the tiny base for this model config is not pretrained yet: run "
+                               f"`python -m icons.run stages=[data,base]` with one process first ({cached})")
         print(f"[icons] pretraining the tiny base into {cached} (once per recipe)", flush=True)
         tmp = cached.with_name(cached.name + ".partial")
         pretrain_base(tmp, **recipe, trainer_cfg=cfg.trainer)
@@ -298,7 +306,8 @@ def stage_warmup(run: Run) -> dict:
     with tracking.stage_run(cfg, "warmup", run.run_dir) as wrun:
         ckpts = run_warmup(model, make_encoder(run, tok), records, out, cfg.warmup.epochs,
                            cfg.warmup.batch_size, cfg.warmup.lr, cfg.seed, cfg.trainer)
-        write_json(out / "ids.json", ids)
+        if is_main_process():
+            write_json(out / "ids.json", ids)
         tracking.log_summary(wrun, {"warmup/examples": len(ids), "warmup/checkpoints": len(ckpts)})
         tracking.log_files(wrun, "warmup", "warmup", [out / "ids.json", *sorted(out.glob("checkpoint-*"))])
     m = finish(out, key, t0, examples=len(ids), checkpoints=ckpts)
@@ -533,14 +542,16 @@ def train_model(run: Run, records: list[dict], out: Path, logger_run=None) -> di
     else:
         set_trainable(model, "full")
     items = EncodedDataset(records, enc).items
-    batches = ShuffledBatches(items, cfg.train.batch_size, cfg.train.epochs, cfg.seed, tok.pad_token_id)
+    batches = batches_for(items, cfg.train.batch_size, cfg.train.epochs, cfg.seed, tok.pad_token_id, cfg.trainer)
     optim = OptimConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_ratio=cfg.train.warmup_ratio,
                         scheduler=cfg.train.scheduler, grad_clip=cfg.train.grad_clip, loss=cfg.train.loss)
     torch.manual_seed(cfg.seed)
     module = fit(model, batches, optim, cfg.trainer, label=f"train {out.name}")
-    if cfg.train.mode == "lora":
-        model = model.merge_and_unload()
-    save_model(run, model, tok, out / "model")
+    if is_main_process():  # data parallel: rank 0 holds the whole trained model (also under FSDP)
+        if cfg.train.mode == "lora":
+            model = model.merge_and_unload()
+        save_model(run, model, tok, out / "model")
+    barrier()
     losses = module.losses
     k = max(1, len(losses) // 50)
     curve = [sum(losses[i:i + k]) / len(losses[i:i + k]) for i in range(0, len(losses), k)]
@@ -670,21 +681,29 @@ STAGES = {"check": stage_check, "data": stage_data, "base": stage_base, "warmup"
           "export": stage_export, "eval": stage_eval, "report": stage_report}
 
 
+#: stages every process of a torchrun/srun job runs (each its share); rank 0 runs the others alone
+DATA_PARALLEL = {"warmup", "features", "train"}
+
+
 def run_stages(cfg: DictConfig, run_dir: Path, study_dir: Path | None = None) -> dict:
     torch.set_flush_denormal(True)  # small LoRA gradients are otherwise 40-250x slower on CPU
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     run = Run(cfg, Path(run_dir), Path(study_dir or run_dir))
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    rank, _ = init_distributed()  # launched by torchrun/srun: join the group (a no-op for one process)
     results = {}
-    with lock_run_dir(run.run_dir):
+    with lock_run_dir(run.run_dir) if rank == 0 else nullcontext():
         for name in cfg.stages:
             if name not in STAGES:
                 raise ValueError(f"stage {name!r} is not implemented; available: {sorted(STAGES)}")
             t0 = time.time()
-            results[name] = STAGES[name](run)
-            timing_path = run.run_dir / "timings.json"
-            timing = read_json(timing_path) if timing_path.exists() else {}
-            timing[name] = round(time.time() - t0, 2)
-            write_json(timing_path, timing)
+            if rank == 0 or name in DATA_PARALLEL:
+                results[name] = STAGES[name](run)
+            barrier()  # the next stage reads what this one wrote
+            if rank == 0:
+                timing_path = run.run_dir / "timings.json"
+                timing = read_json(timing_path) if timing_path.exists() else {}
+                timing[name] = round(time.time() - t0, 2)
+                write_json(timing_path, timing)
     return results

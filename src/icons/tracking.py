@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from contextlib import contextmanager
@@ -60,6 +61,12 @@ def config_dict(cfg: Any) -> dict:
     return out
 
 
+def _main_process() -> bool:
+    """Data-parallel jobs log from rank 0 only (no torch import when nothing imported it)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is None or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def start_run(cfg: Any, stage: str, run_dir: Optional[PathLike] = None) -> Optional[Any]:
     """Start a W&B run for one stage; None when ``logger.kind == "none"``.
 
@@ -72,7 +79,7 @@ def start_run(cfg: Any, stage: str, run_dir: Optional[PathLike] = None) -> Optio
     """
     c = _as_dictconfig(cfg)
     logger_cfg = c.logger
-    if logger_cfg.kind == "none":
+    if logger_cfg.kind == "none" or not _main_process():
         return None
 
     import wandb

@@ -4,6 +4,9 @@ Used for the stage-1 base (all parameters, streamed data), for training on a sel
 (``mode=full``: projector + language model, vision tower frozen, the LLaVA stage-2 recipe; or
 ``mode=lora``), and for the ICONS warmup (LoRA). The learning rate of every step is recorded
 (the warmup's checkpoints need their average learning rate).
+
+Data parallel under ``trainer=ddp`` / ``trainer=fsdp`` (``parallel.py``): the batch sizes given
+here are global; a step on W processes with accumulation is the same step as on one.
 """
 from __future__ import annotations
 
@@ -16,7 +19,10 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
-from .data.encode import Encoded, Encoder, collate
+from . import parallel
+from .config import accumulation
+from .data.encode import IGNORE, Encoded, Encoder, collate
+from .features.grads import per_example_loss, token_losses
 
 
 @dataclass
@@ -54,73 +60,143 @@ def set_trainable(model, mode: str) -> None:
         p.requires_grad = mode == "all" or "vision_tower" not in name
 
 
+#: keys a micro-batch carries beside the model's inputs (see ``micro_batch``)
+LOSS_KEYS = ("loss_weight", "global_examples", "global_tokens")
+
+
+def answer_tokens(item: Encoded) -> int:
+    """Tokens the loss is taken over (labels shifted by one, as the model predicts the next)."""
+    return sum(1 for t in item.labels[1:] if t != IGNORE)
+
+
+def micro_batch(items: list[Encoded], weights: list[float], batch: list[Encoded], pad_id: int) -> dict:
+    """Collate ``items`` (part of the global ``batch``) with what the loss needs of the whole batch."""
+    out = collate(items, pad_id)
+    out["loss_weight"] = torch.tensor(weights, dtype=torch.float32)
+    out["global_examples"] = torch.tensor(float(len(batch)))
+    out["global_tokens"] = torch.tensor(float(max(1, sum(answer_tokens(e) for e in batch))))
+    return out
+
+
 class LlavaModule(L.LightningModule):
     def __init__(self, model, optim: OptimConfig, total_steps: int, start_step: int = 0,
                  adam_state: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         """``start_step`` and ``adam_state`` (parameter name -> (exp_avg, exp_avg_sq)) resume a run
-        from a checkpoint: the schedule continues at ``start_step`` and Adam from those moments."""
+        from a checkpoint: the schedule continues at ``start_step`` and Adam from those moments.
+        ``total_steps``, ``lrs`` and ``losses`` count optimizer steps (global batches)."""
         super().__init__()
         self.model = model
         self.optim = optim
         self.total_steps = total_steps
         self.start_step = start_step
         self.adam_state = adam_state
+        # names before any strategy wraps the model (FSDP's gathered states use these)
+        self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         # the learning rates of the steps before start_step, exactly as the scheduler gave them
         self.lrs: list[float] = [optim.lr * lr_factor(s, total_steps, optim.warmup_ratio, optim.scheduler)
                                  for s in range(start_step)]
         self.losses: list[float] = []
+        self._step_loss = torch.zeros(())
+
+    def loss_share(self, batch: dict) -> torch.Tensor:
+        """This micro-batch's share of its global batch's mean loss (zero-weight rows pad a short
+        last batch so that every rank still runs the same number of micro-batches)."""
+        inputs = {k: v for k, v in batch.items() if k not in LOSS_KEYS and k != "labels"}
+        logits = self.model(**inputs).logits
+        weight = batch["loss_weight"]
+        if self.optim.loss == "token_mean":
+            return (weight * token_losses(logits, batch["labels"])[0]).sum() / batch["global_tokens"]
+        return (weight * per_example_loss(logits, batch["labels"])).sum() / batch["global_examples"]
 
     def training_step(self, batch, batch_idx):
-        if self.optim.loss == "token_mean":
-            loss = self.model(**batch).loss
-        else:
-            from .features.grads import per_example_loss
-
-            labels = batch["labels"]
-            logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            loss = per_example_loss(logits, labels).mean()
-        self.losses.append(float(loss.detach()))
-        self.lrs.append(self.optimizers().param_groups[0]["lr"])
-        self.log("train/loss", loss, prog_bar=False, on_step=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        accumulate = self.trainer.accumulate_grad_batches
+        if batch_idx % accumulate == 0:  # the first micro-batch of an optimizer step
+            self.lrs.append(self.optimizers().param_groups[0]["lr"])
+            self._step_loss = torch.zeros((), device=batch["input_ids"].device)
+        share = self.loss_share(batch)
+        self._step_loss = self._step_loss + share.detach()
+        if (batch_idx + 1) % accumulate == 0:
+            loss = self.trainer.strategy.reduce(self._step_loss, reduce_op="sum")  # the global batch's loss
+            self.losses.append(float(loss))
+            self.log("train/loss", loss, prog_bar=False, on_step=True, batch_size=batch["input_ids"].shape[0])
+        # Lightning divides by `accumulate` and DDP/FSDP average over ranks: undo both, so the
+        # summed gradient is the gradient of the global batch's loss
+        return share * (accumulate * self.trainer.world_size)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay,
                                 betas=self.optim.betas, eps=self.optim.eps)
-        if self.adam_state is not None:
-            names = {id(p): n for n, p in self.model.named_parameters() if p.requires_grad}
-            for p in params:
-                m, v = self.adam_state[names[id(p)]]
-                opt.state[p] = {"step": torch.tensor(float(self.start_step)), "exp_avg": m.clone(),
-                                "exp_avg_sq": v.clone()}
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s + self.start_step, self.total_steps, self.optim.warmup_ratio,
                                      self.optim.scheduler))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_train_start(self):
+        # after the strategy has set the optimizer up (FSDP: over its shards)
+        if self.adam_state is not None:
+            parallel.load_adam_state(self.trainer, self, self.adam_state, self.start_step)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        parallel.clip_gradients(self.trainer, self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def even_split(seq: list, parts: int) -> list[list]:
+    """``parts`` consecutive slices, sizes differing by at most one (some empty if seq is short)."""
+    q, r = divmod(len(seq), parts)
+    bounds = [i * q + min(i, r) for i in range(parts + 1)]
+    return [seq[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
 
 class ShuffledBatches(torch.utils.data.IterableDataset):
-    """Epochs over pre-encoded examples, reshuffled each epoch from a seed, batches collated."""
+    """Epochs over pre-encoded examples, reshuffled each epoch from a seed, in global batches of
+    ``batch_size``; yields this rank's micro-batches of each.
+
+    The global batches depend on the seed alone. Each is cut into ``world_size x accumulate``
+    consecutive micro-batches (``accumulation``: from ``micro_batch_size``) and rank r takes
+    micro-batches r*accumulate .. (r+1)*accumulate-1. A short last batch leaves some slices empty:
+    they get one zero-weight row, so every rank runs the same number of micro-batches."""
 
     def __init__(self, items: list[Encoded], batch_size: int, epochs: int, seed: int, pad_id: int,
-                 start_epoch: int = 0):
+                 start_epoch: int = 0, micro_batch_size: int | None = None, world_size: int = 1):
         self.items, self.batch_size, self.epochs, self.seed, self.pad_id = items, batch_size, epochs, seed, pad_id
         self.start_epoch = start_epoch  # resuming: the epochs before it are not replayed
+        self.world_size = world_size
+        self.micro_batch_size, self.accumulate = accumulation(batch_size, world_size, micro_batch_size)
 
-    def __len__(self) -> int:
+    @property
+    def steps(self) -> int:
+        """Optimizer steps (global batches)."""
         return (self.epochs - self.start_epoch) * math.ceil(len(self.items) / self.batch_size)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __len__(self) -> int:
+        return self.steps * self.accumulate  # micro-batches on each rank
+
+    def global_batches(self) -> Iterator[list[int]]:
         for epoch in range(self.start_epoch, self.epochs):
             order = list(range(len(self.items)))
             random.Random(self.seed * 1000 + epoch).shuffle(order)
             for i in range(0, len(order), self.batch_size):
-                yield collate([self.items[j] for j in order[i:i + self.batch_size]], self.pad_id)
+                yield order[i:i + self.batch_size]
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.micro_batches(parallel.current_rank(self.world_size))
+
+    def micro_batches(self, rank: int) -> Iterator[dict]:
+        for rows in self.global_batches():
+            batch = [self.items[j] for j in rows]
+            slices = even_split(batch, self.world_size * self.accumulate)
+            for part in slices[rank * self.accumulate:(rank + 1) * self.accumulate]:
+                if part:
+                    yield micro_batch(part, [1.0] * len(part), batch, self.pad_id)
+                else:
+                    yield micro_batch(batch[:1], [0.0], batch, self.pad_id)
 
 
 class StreamedBatches(torch.utils.data.IterableDataset):
-    """Batches from an endless record stream (records carry an image spec in '_spec')."""
+    """Batches from an endless record stream (records carry an image spec in '_spec'); one process."""
+
+    accumulate = 1
 
     def __init__(self, stream, encoder: Encoder, batch_size: int, steps: int, render):
         self.stream, self.encoder, self.batch_size, self.steps, self.render = stream, encoder, batch_size, steps, render
@@ -137,11 +213,11 @@ class StreamedBatches(torch.utils.data.IterableDataset):
                 rec = next(self.stream)
                 pix = None if rec["_spec"] is None else pixels_uint8(self.render(rec["_spec"]), self.encoder.image_size)
                 batch.append(self.encoder.encode(rec, True, pix))
-            yield collate(batch, self.encoder.tok.pad_token_id)
+            yield micro_batch(batch, [1.0] * len(batch), batch, self.encoder.tok.pad_token_id)
 
 
 class Progress(L.Callback):
-    """One line about every tenth of the run (long CPU runs should not be silent)."""
+    """One line about every tenth of the run (long CPU runs should not be silent); rank 0 only."""
 
     def __init__(self, label: str, total: int, every: int | None = None):
         self.label, self.total = label, total
@@ -149,6 +225,8 @@ class Progress(L.Callback):
         self.t0 = time.time()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or not trainer.is_global_zero:
+            return
         step = len(module.losses)
         if step % self.every == 0 or step == self.total:
             recent = module.losses[-self.every:]
@@ -156,13 +234,28 @@ class Progress(L.Callback):
                   f"({time.time() - self.t0:.0f}s)", flush=True)
 
 
+class GatherModel(L.Callback):
+    """FSDP: gather the trained model's full state before Lightning's teardown moves the shards."""
+
+    def __init__(self):
+        self.full: dict[str, torch.Tensor] | None = None
+
+    def on_train_end(self, trainer, module):
+        if parallel.is_fsdp(trainer):
+            self.full = parallel.full_model_state(trainer)
+
+
 def make_trainer(trainer_cfg=None, max_steps: int = -1, logger=False, callbacks=None,
-                 grad_clip: float = 0.0) -> L.Trainer:
+                 grad_clip: float = 0.0, accumulate: int = 1, model=None) -> L.Trainer:
+    """``max_steps`` counts optimizer steps, each of ``accumulate`` micro-batches per rank;
+    ``model``: the model FSDP is to wrap (its layers are the FSDP units)."""
     tc = trainer_cfg
+    parallel.check_launch(parallel.world_size(tc))
     return L.Trainer(
         accelerator=getattr(tc, "accelerator", "cpu"), devices=getattr(tc, "devices", 1),
-        num_nodes=getattr(tc, "num_nodes", 1), strategy=getattr(tc, "strategy", "auto"),
+        num_nodes=getattr(tc, "num_nodes", 1), strategy=parallel.strategy(tc, model),
         precision=getattr(tc, "precision", "32-true"), max_steps=max_steps, max_epochs=1,
+        accumulate_grad_batches=accumulate, use_distributed_sampler=False,  # ShuffledBatches shards itself
         logger=logger, callbacks=callbacks or [], enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=grad_clip or None,
         num_sanity_val_steps=0, log_every_n_steps=50)
@@ -170,12 +263,25 @@ def make_trainer(trainer_cfg=None, max_steps: int = -1, logger=False, callbacks=
 
 def fit(model, batches: torch.utils.data.IterableDataset, optim: OptimConfig, trainer_cfg=None,
         logger=False, label: str = "train") -> LlavaModule:
-    """Train ``model`` in place on ``batches``; returns the module (losses and lrs per step)."""
-    steps = len(batches)
+    """Train ``model`` in place on ``batches``; returns the module (losses and lrs per step). Under
+    FSDP only rank 0's ``model`` holds the trained weights afterwards (the others are empty)."""
+    steps = batches.steps
     module = LlavaModule(model, optim, steps)
-    trainer = make_trainer(trainer_cfg, steps, logger, callbacks=[Progress(label, steps)], grad_clip=optim.grad_clip)
+    gather = GatherModel()
+    trainer = make_trainer(trainer_cfg, steps, logger, callbacks=[Progress(label, steps), gather],
+                           grad_clip=optim.grad_clip, accumulate=batches.accumulate, model=model)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0)
     model.train()
     trainer.fit(module, loader)
+    if gather.full is not None:
+        parallel.unshard(module, gather.full)
     model.eval()
     return module
+
+
+def batches_for(items: list[Encoded], batch_size: int, epochs: int, seed: int, pad_id: int, trainer_cfg=None,
+                start_epoch: int = 0) -> ShuffledBatches:
+    """``ShuffledBatches`` split for the configured devices and micro-batch size."""
+    return ShuffledBatches(items, batch_size, epochs, seed, pad_id, start_epoch,
+                           micro_batch_size=getattr(trainer_cfg, "micro_batch_size", None),
+                           world_size=parallel.world_size(trainer_cfg))

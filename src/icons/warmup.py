@@ -9,6 +9,10 @@ always whole. An interrupted warmup (no stage manifest) resumes from its last wh
 LoRA weights, Adam moments and step, the schedule's position and the epoch's data order (seeded
 per epoch) are all restored, so the result is byte-identical to an uninterrupted run
 (tests/test_crash_resume.py). Partial directories are removed first.
+
+Data parallel (``trainer=ddp|fsdp``, ``parallel.py``): ``batch_size`` is the global batch; every
+rank takes part in gathering a checkpoint's full tensors, rank 0 alone writes it, and the others
+wait for it, so a resumed run (on any number of processes) finds it whole.
 """
 from __future__ import annotations
 
@@ -21,9 +25,11 @@ import lightning as L
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import parallel
 from .data.encode import EncodedDataset
+from .features.sharded import barrier, is_main_process
 from .io import read_json, slow_point, write_json
-from .train import LlavaModule, OptimConfig, ShuffledBatches, make_trainer
+from .train import LlavaModule, OptimConfig, batches_for, make_trainer
 
 
 def warmup_ids(pool_ids: list[str], fraction: float, seed: int) -> list[str]:
@@ -37,37 +43,36 @@ class EpochCheckpoints(L.Callback):
         self.saved: list[dict] = []
 
     def on_train_batch_end(self, trainer, module: LlavaModule, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # inside an optimizer step
         step = len(module.lrs)
         if step % self.steps_per_epoch and step != module.total_steps:
             return
         epoch = math.ceil(step / self.steps_per_epoch)
+        state = parallel.trainable_state(trainer, module)  # every rank: FSDP gathers to rank 0
+        span = module.lrs[(epoch - 1) * self.steps_per_epoch:step]
+        opt = trainer.optimizers[0]
+        info = {"epoch": epoch, "step": step, "avg_lr": sum(span) / len(span),
+                "betas": list(opt.param_groups[0]["betas"]), "eps": opt.param_groups[0]["eps"]}
+        if trainer.is_global_zero:
+            self.write(epoch, state, info)
+        trainer.strategy.barrier()  # the other ranks go on once the checkpoint is whole
+        self.saved.append(info)
+        slow_point("warmup")
+
+    def write(self, epoch: int, state: dict, info: dict) -> None:
         final = self.out_dir / f"checkpoint-{epoch}"
         ckpt = self.out_dir / f".checkpoint-{epoch}.partial"
         if ckpt.exists():
             shutil.rmtree(ckpt)
         ckpt.mkdir(parents=True)
-        opt = trainer.optimizers[0]
-        names = {id(p): n for n, p in module.model.named_parameters() if p.requires_grad}
-        weights, m, v = {}, {}, {}
-        for group in opt.param_groups:
-            for p in group["params"]:
-                n = names[id(p)]
-                weights[n] = p.detach().clone().contiguous()
-                st = opt.state[p]
-                m[n] = st["exp_avg"].detach().clone().contiguous()
-                v[n] = st["exp_avg_sq"].detach().clone().contiguous()
-        save_file(weights, str(ckpt / "lora.safetensors"))
-        save_file({**{f"m::{k}": t for k, t in m.items()}, **{f"v::{k}": t for k, t in v.items()}},
+        save_file({n: w for n, (w, _, _) in state.items()}, str(ckpt / "lora.safetensors"))
+        save_file({**{f"m::{n}": m for n, (_, m, _) in state.items()}, **{f"v::{n}": v for n, (_, _, v) in state.items()}},
                   str(ckpt / "adam.safetensors"))
-        span = module.lrs[(epoch - 1) * self.steps_per_epoch:step]
-        info = {"epoch": epoch, "step": step, "avg_lr": sum(span) / len(span),
-                "betas": list(opt.param_groups[0]["betas"]), "eps": opt.param_groups[0]["eps"]}
         write_json(ckpt / "checkpoint.json", info)
         if final.exists():
             shutil.rmtree(final)
         ckpt.rename(final)  # whole or absent
-        self.saved.append(info)
-        slow_point("warmup")
 
 
 def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, batch_size: int, lr: float,
@@ -76,8 +81,10 @@ def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, 
 
     Resumes after the last whole ``checkpoint-<e>`` an interrupted earlier run left in ``out_dir``
     (``model`` must hold the LoRA initialisation that run started from: it is overwritten)."""
-    for d in out_dir.glob(".checkpoint-*.partial") if out_dir.exists() else []:
-        shutil.rmtree(d)
+    if is_main_process():
+        for d in out_dir.glob(".checkpoint-*.partial") if out_dir.exists() else []:
+            shutil.rmtree(d)
+    barrier()
     items = EncodedDataset(records, encoder).items
     steps_per_epoch = math.ceil(len(items) / batch_size)
     done = finished_epochs(out_dir, epochs, steps_per_epoch)
@@ -89,13 +96,14 @@ def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, 
         adam_state = {n: (m[n], v[n]) for n in m}
         print(f"[icons] warmup: resuming after epoch {start_epoch} of {epochs} ({done[-1]})", flush=True)
     optim = OptimConfig(lr=lr, warmup_ratio=0.03, scheduler="linear", weight_decay=0.0)
-    batches = ShuffledBatches(items, batch_size, epochs, seed, encoder.tok.pad_token_id, start_epoch)
-    if len(batches) == 0:
+    batches = batches_for(items, batch_size, epochs, seed, encoder.tok.pad_token_id, trainer_cfg, start_epoch)
+    if batches.steps == 0:
         return saved
     module = LlavaModule(model, optim, epochs * steps_per_epoch, start_epoch * steps_per_epoch, adam_state)
     cb = EpochCheckpoints(out_dir, steps_per_epoch)
     cb.saved = saved
-    trainer = make_trainer(trainer_cfg, len(batches), callbacks=[cb], grad_clip=1.0)
+    trainer = make_trainer(trainer_cfg, batches.steps, callbacks=[cb], grad_clip=1.0, accumulate=batches.accumulate,
+                           model=model)
     torch.manual_seed(seed)
     model.train()
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))

@@ -24,16 +24,21 @@ def lora_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return params
 
 
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) mean token cross-entropy over each example's own answer tokens."""
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) summed next-token cross-entropy over each example's answer tokens, and (B,) their count."""
     logits = logits[:, :-1].float()
     target = labels[:, 1:]
     tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
                           reduction="none").view(target.shape)
-    n = (target != -100).sum(1)
+    return tok.sum(1), (target != -100).sum(1)
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean token cross-entropy over each example's own answer tokens."""
+    total, n = token_losses(logits, labels)
     if (n == 0).any():
         raise ValueError("an example has no answer tokens (nothing to take a gradient of)")
-    return tok.sum(1) / n
+    return total / n
 
 
 class PerExampleGrads:

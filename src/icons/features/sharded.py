@@ -12,10 +12,10 @@ Launching:
   ``torch.multiprocessing`` and a gloo process group (``fn(rank, world_size, *args)``).
 - ``torchrun --nproc-per-node=8 ...``: every process reads ``RANK`` / ``WORLD_SIZE`` /
   ``LOCAL_RANK`` (``dist_env``); ``init_distributed()`` joins the group (nccl on GPU, gloo on
-  CPU) and selects ``cuda:LOCAL_RANK``; then call ``extract_distributed``. The ``features`` stage
-  does this when those variables are set, so ``torchrun --nproc-per-node=8 -m icons.pipeline ...``
-  would run feature extraction on 8 GPUs (the other stages are not made rank-aware: run them
-  first with one process, so the features stage finds them done).
+  CPU) and selects ``cuda:LOCAL_RANK``; then call ``extract_distributed``. ``run_stages`` joins
+  the group when those variables are set, so ``torchrun --nproc-per-node=8 -m icons.run ...``
+  runs feature extraction (and warmup and training, ``parallel.py``) on 8 GPUs; the other stages
+  run on rank 0 while the rest wait.
 - SLURM: ``srun --ntasks=W`` sets ``SLURM_PROCID`` / ``SLURM_NTASKS``, read as rank / world size
   (set ``MASTER_ADDR`` / ``MASTER_PORT`` for the process group, as for any torch.distributed
   job). A SLURM *array* without a process group works too: each task runs
@@ -49,7 +49,10 @@ def dist_env() -> tuple[int, int, int]:
 
 def init_distributed(backend: str | None = None) -> tuple[int, int]:
     """Join the process group named by the environment (once); no-op for a single process.
-    Returns (rank, world_size)."""
+    Returns (rank, world_size), the group's own once it is up (Lightning's environment for
+    processes it did not start deletes ``WORLD_SIZE`` when a fit ends)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     rank, world, local = dist_env()
     if world > 1 and not dist.is_initialized():
         if backend is None:
@@ -75,6 +78,11 @@ def compute_device(trainer_cfg=None) -> torch.device:
                              f"{torch.__version__}); use trainer=cpu")
         return torch.device("cuda", dist_env()[2] % torch.cuda.device_count())
     raise ValueError(f"trainer.accelerator={acc}: the features and eval stages run on cpu, gpu/cuda or auto")
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or a lone process: the one that writes shared files."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def barrier() -> None:

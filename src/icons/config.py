@@ -687,10 +687,15 @@ class GradientConfig:
 
     kind: str = "adam"
     batch_size: int = 32
+    #: padded tokens per backward (batch rows x longest row); null = batch_size alone decides.
+    #: Length-sorted batches then hold many short or few long examples (GPU memory bounded).
+    max_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_choice(self, "kind", GRADIENT_CHOICES)
         _positive(self, "batch_size")
+        if self.max_tokens is not None:
+            _positive(self, "max_tokens")
 
 
 @dataclass

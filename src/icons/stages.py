@@ -350,7 +350,8 @@ def stage_features(run: Run) -> dict:
             meta = extract_distributed(model, make_encoder(run, tok), pool, val, out / ckpt.name,
                                        moments if cfg.gradient.kind == "adam" else None, cfg.projection.kind,
                                        cfg.projection.dim, cfg.projection.seed, cfg.gradient.batch_size,
-                                       cfg.projection.dtype, rank=rank, world_size=world)
+                                       cfg.projection.dtype, rank=rank, world_size=world,
+                                       max_tokens=cfg.gradient.max_tokens)
             meta = {k: v for k, v in meta.items() if k not in ("complete", "rank", "rows_done")}
             metas[ckpt.name] = dict(meta, avg_lr=moments[2]["avg_lr"])
             print(f"[icons] features at {ckpt.name}: {meta['n_pool']} pool + {meta['n_val']} val, "

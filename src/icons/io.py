@@ -1,6 +1,7 @@
 """Small file helpers: every finished file is written atomically (temp file + rename)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,13 +10,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb"):
+    """A file object for ``path`` that only appears there, complete and synced, when the block ends
+    without an exception (temp file in the same directory, then ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -23,6 +27,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -36,24 +45,13 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
 def write_json_list(path: str | Path, rows: Iterable[Any]) -> int:
     """A JSON list written row by row (rows may come from a generator: never all in memory),
     atomically like every other file here. Returns the number of rows."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("[")
-            for row in rows:
-                f.write(("\n" if n == 0 else ",\n") + json.dumps(row, ensure_ascii=False))
-                n += 1
-            f.write("\n]\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        f.write("[")
+        for row in rows:
+            f.write(("\n" if n == 0 else ",\n") + json.dumps(row, ensure_ascii=False))
+            n += 1
+        f.write("\n]\n")
     return n
 
 

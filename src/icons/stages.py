@@ -339,9 +339,8 @@ def stage_features(run: Run) -> dict:
     # of the shared store (features/sharded.py); rank 0 logs and records the result
     rank, world = init_distributed()
     device = compute_device(cfg.trainer)
-    frun = tracking.start_run(cfg, "features", run.run_dir) if rank == 0 else None
     metas = {}
-    try:
+    with tracking.stage_run(cfg, "features", run.run_dir) as frun:  # a run on rank 0 only
         for ckpt in warmup_checkpoints(run):
             model, tok = load_base(run)
             model = add_lora(model, cfg.model.lora)
@@ -359,8 +358,6 @@ def stage_features(run: Run) -> dict:
                   f"in {meta['wall_s']:.0f}s", flush=True)
         tracking.log_summary(frun, {"features/grad_dim": next(iter(metas.values()))["grad_dim"]})
         tracking.log_files(frun, "features", "features", sorted(out.glob("*/meta.json")) + sorted(out.glob("*/groups.json")))
-    finally:
-        tracking.finish(frun)
     if rank != 0:
         return {"key": key, "checkpoints": metas}
     return _record(run, "features", finish(out, key, t0, checkpoints=metas), out)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU session (a lent H100/H200, ~10 minutes), run from the repo root with OUT set:
 #   OUT=/tmp/out bash experiments/gpu_session.sh
-# 1. issue #4: python -m icons.bench.features on the GPU (tiny model; rademacher and kronecker);
-# 2. issue #5: python -m icons.bench.throughput (LLaVA-1.5-7B-shaped, random weights, paper LoRA,
+# 1. issue #5: python -m icons.bench.throughput (LLaVA-1.5-7B-shaped, random weights, paper LoRA,
 #    kronecker 5120) -- examples/s, tokens/s, peak memory, GPU-hours for 665K;
+# 2. issue #4: python -m icons.bench.features on the GPU (tiny model; rademacher and kronecker),
+#    and the FSDP test (tests/test_fsdp_gpu.py);
 # 3. issue #2, after the timings (so nothing shares the GPU while they run): stage-1 base
 #    candidates with a language-model phase, and LM-only look-up learning curves, in parallel,
 #    until the session's deadline.
@@ -16,15 +17,21 @@ DEADLINE=${DEADLINE:-560}
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 export TOKENIZERS_PARALLELISM=false
+# hydra-core, omegaconf and antlr4-python3-runtime are not on the lent machines' image: carry them as
+# wheels in .whl/ (device README) for the FSDP test; the benchmarks do not need them.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+if [ "$DRY" = 1 ]; then TP="--examples 16 --val 4 --batch-size 4 --dim 256 --r 8 --alpha 16 --train-batches 1 --bs1-examples 2"; else TP=""; fi
+timeout 200 python3 -m icons.bench.throughput --size $SIZE --device $DEV $TP > $OUT/throughput.txt 2>&1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, peft, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)"
   for proj in rademacher kronecker; do
     timeout 75 python3 -m icons.bench.features --device $DEV --examples $N --batch-size 32 --dim 1024 --repeats 3 --projection $proj
   done
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fsdp_gpu.py
 } > $OUT/bench.txt 2>&1
-if [ "$DRY" = 1 ]; then TP="--examples 16 --val 4 --batch-size 4 --dim 256 --r 8 --alpha 16 --train-batches 1 --bs1-examples 2"; else TP=""; fi
-timeout 200 python3 -m icons.bench.throughput --size $SIZE --device $DEV $TP > $OUT/throughput.txt 2>&1
 echo "benchmarks done at $(( $(date +%s) - START ))s" >> $OUT/bench.txt
 
 mkdir -p bases

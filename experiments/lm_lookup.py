@@ -10,6 +10,13 @@ look-up answers POPE, MMBench and GQA near chance however it is fine-tuned.
 
 Variants: ``--stream`` (text mix version, see data/mini_llava/pretraining.py), ``--loss``
 (token_mean | example_mean), ``--lr``, ``--layers``, ``--heads``, ``--hidden``, ``--batch-size``.
+
+``--color-lookup FORMAT`` trains on one skill instead: "What color is the <shape> ?" about 2-4
+objects of distinct shapes described in FORMAT (``caption``: the benchmark's captions; ``simple``:
+"A red square ."), mixed with ``--copy`` of the copy task, and reports ``color_lookup`` accuracy.
+Measured on 2 CPU threads (session 3): caption format alone stays at 52-57% for 6000 steps
+(likewise without the size word or without positions, and "simple" for 1500); with half of the
+batches copying it reaches 72% at 500 steps and 85% at 1000.
 """
 from __future__ import annotations
 
@@ -20,6 +27,36 @@ import sys
 import time
 
 import torch
+
+
+def color_lookup_record(rng: random.Random, fmt: str) -> dict:
+    """A text-only "What color is the <shape> ?" record about 2-4 objects of distinct shapes."""
+    from icons.data.mini_llava.language import caption
+    from icons.data.mini_llava.scenes import sample_scene
+
+    while True:
+        spec = sample_scene(rng, 2, 4)
+        shapes = [o["shape"] for o in spec["objs"]]
+        if len(set(shapes)) == len(shapes):
+            break
+    o = rng.choice(spec["objs"])
+    context = caption(spec) if fmt == "caption" else " ".join(f"A {x['color']} {x['shape']} ." for x in spec["objs"])
+    return {"_spec": None, "conversations": [
+        {"from": "human", "value": f"Context : {context} Question : What color is the {o['shape']} ?"},
+        {"from": "gpt", "value": o["color"]}]}
+
+
+def color_lookup_stream(seed: int, fmt: str, copy: float):
+    from icons.data.mini_llava.pretraining import COPY_TEMPLATE, COPY_WORDS
+
+    rng = random.Random(seed)
+    while True:
+        if rng.random() < copy:
+            words = " ".join(rng.choice(COPY_WORDS) for _ in range(rng.randint(3, 12)))
+            yield {"_spec": None, "conversations": [{"from": "human", "value": COPY_TEMPLATE.format(words=words)},
+                                                    {"from": "gpt", "value": words}]}
+        else:
+            yield color_lookup_record(rng, fmt)
 
 
 def main(argv=None) -> None:
@@ -45,6 +82,9 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--color-lookup", default=None, choices=["caption", "simple"],
+                    help="train on colour look-up questions in this format only (plus --copy)")
+    ap.add_argument("--copy", type=float, default=0.0, help="share of copy-task examples with --color-lookup")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     a = ap.parse_args(argv)
     torch.set_flush_denormal(True)
@@ -53,8 +93,14 @@ def main(argv=None) -> None:
     model = tiny_llava.build_model(tok, text_hidden=a.hidden, text_layers=a.layers, text_heads=a.heads,
                                    seed=a.seed).to(a.device)
     enc = Encoder(tok, tiny_llava.n_image_tokens(32, 8), 32, 160)
-    held_out = context_items(enc, a.eval_n, random.Random(999))
-    batches = StreamedBatches(base_stream(a.seed, 1.0, a.stream), enc, a.batch_size, a.steps, render)
+    if a.color_lookup:
+        held_out = [("color_lookup", enc.encode(color_lookup_record(random.Random(10_000 + i), a.color_lookup)))
+                    for i in range(a.eval_n)]
+        stream = color_lookup_stream(a.seed, a.color_lookup, a.copy)
+    else:
+        held_out = context_items(enc, a.eval_n, random.Random(999))
+        stream = base_stream(a.seed, 1.0, a.stream)
+    batches = StreamedBatches(stream, enc, a.batch_size, a.steps, render)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.steps, 0.02, "cosine"))
     label = {("objective" if k == "loss" else k): v for k, v in vars(a).items() if k not in ("out", "device", "eval_n")}

@@ -49,6 +49,15 @@ def test_lm_lookup_curve(tmp_path):
     assert all(0 <= r["mean"] <= 100 and "context_color" in r for r in rows)
 
 
+def test_lm_lookup_color_curve(tmp_path):
+    out = tmp_path / "curve.jsonl"
+    _last_line([str(ROOT / "experiments" / "lm_lookup.py"), "--color-lookup", "caption", "--copy", "0.5",
+                "--steps", "2", "--eval-every", "2", "--eval-n", "10", "--batch-size", "4", "--layers", "1",
+                "--hidden", "32", "--device", "cpu", "--out", str(out)], tmp_path)
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert set(k for k in row if k.startswith("context_")) == {"context_color_lookup"}
+
+
 def test_lm_phase_comes_first_and_leaves_the_mixed_stream_unchanged_without_it():
     first = [r for _, r in zip(range(40), base_stream(0, 0.5, 3, lm_examples=25))]
     assert all(r["_spec"] is None for r in first[:25])

@@ -378,7 +378,7 @@ class PretrainConfig:
     #: recognition: 26% vs 100% per caption shape word, measured on bases v2 vs v1)
     loss: str = "token_mean"
     #: text-only examples before the mixed stream (a language-model phase, like Vicuna's pretraining)
-    lm_examples: int = 0
+    lm_examples: int = 96000
 
     def __post_init__(self) -> None:
         _check_choice(self, "loss", LOSS_CHOICES)

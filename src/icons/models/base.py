@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text-layers", type=int, default=4)
     ap.add_argument("--text-hidden", type=int, default=160)
-    ap.add_argument("--lm-examples", type=int, default=0, help="text-only examples before the mixed stream")
+    ap.add_argument("--lm-examples", type=int, default=96_000, help="text-only examples before the mixed stream")
     ap.add_argument("--stream", type=int, default=STREAM_VERSION, choices=sorted(TEXT_MIXES))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--accelerator", default="cpu", help="cpu, gpu, ... (the recipe, not the device, defines the base)")

@@ -12,7 +12,10 @@ copy task makes it form induction (look-up) heads within about a thousand steps,
 choices need exactly that look-up (measured while designing stream version 3).
 Stream version 4 adds (f) "facts": the same look-up in its simplest form ("Facts : red square .
 blue circle . Question : What color is the circle ?"), which a 4-layer LM learns far sooner than
-the caption format and which then carries over to it.
+the caption format (it did not carry over: no gain in 12k LM steps, measured on a GPU).
+Stream version 5 (shipped) makes copying as common as context QA: with half of the batches
+copying, a 4-layer LM learns colour look-up in the caption format within 1000 steps (85%; alone
+it stays at 52-57% for 6000 steps; experiments/lm_lookup.py --color-lookup caption --copy 0.5).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from .scenes import COLORS, SHAPES, sample_degraded, sample_scene, sample_sign
 
 #: bump when the stream changes: the base recipe (and so the cached base's key) includes it.
 #: Every version in TEXT_MIXES can still be generated (a recipe names the one it was made with).
-STREAM_VERSION = 3
+STREAM_VERSION = 5
 DESCRIBE_PROMPTS = ("Describe the image briefly .", "What is in the image ?", "Give a brief description of the image .")
 CONTEXT_TEMPLATE = "Context : {caption} Question : {question}"
 CHOICE_TEMPLATE = "Context : {caption} Question : {question} Candidates : {candidates} . Give the letter ."
@@ -34,7 +37,8 @@ COPY_WORDS = list(COLORS) + SHAPES + ["top", "bottom", "left", "right", "small",
 FACTS_TEMPLATE = "Facts : {facts} Question : {question}"
 # Shares of the text-only part of the stream, per stream version.
 TEXT_MIXES = {3: {"context_qa": 0.6, "choice": 0.16, "copy": 0.14, "trivia": 0.10},
-              4: {"context_qa": 0.5, "facts": 0.1, "choice": 0.16, "copy": 0.14, "trivia": 0.10}}
+              4: {"context_qa": 0.5, "facts": 0.1, "choice": 0.16, "copy": 0.14, "trivia": 0.10},
+              5: {"context_qa": 0.45, "copy": 0.45, "choice": 0.05, "trivia": 0.05}}
 TEXT_MIX = TEXT_MIXES[STREAM_VERSION]
 
 

@@ -11,7 +11,7 @@
 # DRY=1: the same steps at toy sizes on the CPU (checks the script before spending device time).
 set -u
 DRY=${DRY:-0}
-if [ "$DRY" = 1 ]; then DEV=cpu ACC=cpu SIZE=tiny N=16 STEPS=40 LM=64 EX=64; else DEV=cuda ACC=gpu SIZE=7b N=256 STEPS=12000 LM=128000 EX=288000; fi
+if [ "$DRY" = 1 ]; then DEV=cpu ACC=cpu SIZE=tiny N=16 STEPS=40 LM=64 EX=64; else DEV=cuda ACC=gpu SIZE=7b N=256 STEPS=12000 LM=96000 EX=288000; fi
 START=$(date +%s)
 DEADLINE=${DEADLINE:-560}
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
@@ -44,11 +44,12 @@ curve() {
   OMP_NUM_THREADS=1 timeout $(left) python3 experiments/lm_lookup.py --device $DEV --eval-every $(( STEPS / 12 )) --out $OUT/lm_curves.jsonl "$@" \
     >> $OUT/logs.txt 2>&1
 }
-train_base c_s4_lm --stream 4 --lm-examples $LM &
-train_base c_s3_lm --stream 3 --lm-examples $LM &
-curve --stream 4 --steps $STEPS &
-curve --stream 3 --steps $STEPS &
-curve --stream 3 --steps $STEPS --loss example_mean &
+# (session 3 ran streams 3/4 here: flat look-up curves over 12k steps; copying at 45% (stream 5)
+#  is what moved them, so the next questions are how far a longer v5 LM phase goes)
+train_base c_s5_lm2x --stream 5 --lm-examples $(( 2 * LM )) &
+curve --stream 5 --steps $STEPS &
+curve --stream 5 --steps $STEPS --loss example_mean &
+curve --color-lookup caption --copy 0.5 --steps $STEPS &
 wait
 tail -n 3 bases/*.log >> $OUT/logs.txt 2>&1
 tar czf $OUT/bases.tgz bases

@@ -47,14 +47,12 @@ def color_lookup_record(rng: random.Random, fmt: str) -> dict:
 
 
 def color_lookup_stream(seed: int, fmt: str, copy: float):
-    from icons.data.mini_llava.pretraining import COPY_TEMPLATE, COPY_WORDS
+    from icons.data.mini_llava.pretraining import copy_example
 
     rng = random.Random(seed)
     while True:
         if rng.random() < copy:
-            words = " ".join(rng.choice(COPY_WORDS) for _ in range(rng.randint(3, 12)))
-            yield {"_spec": None, "conversations": [{"from": "human", "value": COPY_TEMPLATE.format(words=words)},
-                                                    {"from": "gpt", "value": words}]}
+            yield {"_spec": None, "conversations": copy_example(rng)}
         else:
             yield color_lookup_record(rng, fmt)
 

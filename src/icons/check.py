@@ -37,6 +37,7 @@ from .data.llava_json import (
     scan_file,
     summary_error,
 )
+from .config import vicuna_template
 from .io import config_hash, read_json, save_npy, write_json, write_jsonl
 
 __all__ = ["DataSources", "check_encoder", "check_inputs", "data_key", "data_sources", "prepare_data",
@@ -151,7 +152,7 @@ def check_encoder(cfg: DictConfig):
     from .models.tiny_llava import n_image_tokens
 
     m = cfg.model
-    if m.get("template", "tiny") == "vicuna_v1":  # LLaVA-1.5's template (models/llava15.py)
+    if vicuna_template(m):  # LLaVA-1.5's template (models/llava15.py)
         from transformers import AutoTokenizer
 
         from .models import llava15

@@ -387,6 +387,12 @@ class PretrainConfig:
         _check_range(self, "text_qa_fraction", 0.0, 1.0)
 
 
+def vicuna_template(model_cfg: Any) -> bool:
+    """The model speaks LLaVA-1.5's vicuna_v1 prompt (kinds llava_1_5 and hf_llava); else the
+    tiny model's own."""
+    return model_cfg.get("template", "tiny") == "vicuna_v1"
+
+
 @dataclass
 class ModelConfig:
     """Group ``model``: which vision-language model and how it is built."""

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .config import LMMS_EVAL_TASKS
+from .config import LMMS_EVAL_TASKS, vicuna_template
 from .io import atomic_write_text, config_hash, read_json, write_json
 
 INFO = "icons_export.json"
@@ -111,12 +111,12 @@ def image_processor_for(template: str, image_size: int, clip=None):
 def model_image_processor(model_cfg):
     """The evaluation image processor of a ``model`` config (kind llava_1_5: the tower's; hf_llava
     with vicuna_v1: the checkpoint's)."""
-    if model_cfg.get("template", "tiny") == "tiny":
+    if not vicuna_template(model_cfg):
         return image_processor_for("tiny", int(model_cfg.image_size))
-    from .models.llava15 import image_processor
+    from .models.llava15 import image_processor, processor_dir
 
-    src = model_cfg.vision_path if model_cfg.kind == "llava_1_5" else model_cfg.path
-    return image_processor_for("vicuna_v1", int(model_cfg.image_size), image_processor(src, int(model_cfg.image_size)))
+    size = int(model_cfg.image_size)
+    return image_processor_for("vicuna_v1", size, image_processor(processor_dir(model_cfg), size))
 
 
 def build_processor(model, tokenizer, image_processor, template: str):

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import tracking
-from .config import ConfigError
+from .config import ConfigError, vicuna_template
 from .data.encode import Encoder, EncodedDataset
 from .data.mini_llava.pretraining import STREAM_VERSION
 from .data.pool import LazyPool
@@ -243,7 +243,7 @@ def load_base(run: Run):
     from .models import tiny_llava
 
     path = read_json(run.run_dir / "base" / "manifest.json")["path"]
-    if run.cfg.model.get("template", "tiny") == "vicuna_v1":  # LLaVA-1.5: assembled from its parts, or an HF checkpoint
+    if vicuna_template(run.cfg.model):  # LLaVA-1.5: assembled from its parts, or an HF checkpoint
         from .models import llava15
 
         return llava15.load_base(run.cfg.model)
@@ -256,9 +256,8 @@ def save_model(run: Run, model, tokenizer, path: Path) -> None:
     from .models import llava15, tiny_llava
 
     m = run.cfg.model
-    if m.get("template", "tiny") == "vicuna_v1":
-        src = m.vision_path if m.kind == "llava_1_5" else m.path
-        llava15.save(model, tokenizer, llava15.Preprocess(llava15.image_processor(src, int(m.image_size))), path)
+    if vicuna_template(m):
+        llava15.save(model, tokenizer, llava15.model_preprocess(m), path)
     else:
         tiny_llava.save(model, tokenizer, path, m.image_size, m.patch_size)
 
@@ -267,7 +266,7 @@ def load_model(run: Run, path: Path):
     """(model, tokenizer) of a directory written by :func:`save_model`."""
     from .models import llava15, tiny_llava
 
-    if run.cfg.model.get("template", "tiny") == "vicuna_v1":
+    if vicuna_template(run.cfg.model):
         model, tok, _ = llava15.load(path, run.cfg.model.dtype)
         return model, tok
     return tiny_llava.load(path)
@@ -277,7 +276,7 @@ def make_encoder(run: Run, tokenizer) -> Encoder:
     from .models.tiny_llava import n_image_tokens
 
     m = run.cfg.model
-    if m.get("template", "tiny") == "vicuna_v1":
+    if vicuna_template(m):
         from .models import llava15
 
         return llava15.make_encoder(m, tokenizer, data_paths(run).image_root)

@@ -24,6 +24,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -145,7 +146,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     tok = build_tokenizer()
     model = build_model(a.size, tok, dtype, dev)
-    lora = argparse.Namespace(r=a.r, alpha=a.alpha, dropout=0.05, target_modules=LORA_TARGETS)
+    lora = SimpleNamespace(r=a.r, alpha=a.alpha, dropout=0.05, target_modules=LORA_TARGETS)
     model = add_lora(model, lora)
     torch.manual_seed(1)
     with torch.no_grad():  # as after the warmup: B != 0, so every LoRA matrix has a gradient
@@ -215,11 +216,11 @@ def main(argv=None) -> None:
         names = [n for n, _ in params]
         one = [{k: x.to(dev) for k, x in collate([enc.encode(pool[i])], tok.pad_token_id).items()}
                for i in chosen[0][:a.bs1_examples]]
+        sizes = [p.numel() for _, p in params]
         sync()
         t = time.perf_counter()
         for b in one:
             flat = reference_grads(model, b)
-            sizes = [p.numel() for _, p in params]
             blocks = zip(names, (x.view(1, *p.shape) for x, (_, p) in zip(torch.split(flat, sizes, 1), params)))
             torch.cat([x.flatten(1) for _, x in _adam_blocks(blocks, mv, 0.9, 0.999, 1e-8)], 1)
         sync()

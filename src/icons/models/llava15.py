@@ -64,7 +64,9 @@ __all__ = [
     "load",
     "load_projector",
     "make_encoder",
+    "model_preprocess",
     "n_image_tokens",
+    "processor_dir",
     "prompt",
 ]
 
@@ -403,16 +405,27 @@ class Encoder:
         return within_length(record, ids, labels, pixels, self.image_id, self.max_length)
 
 
-def make_encoder(model_cfg: Any, tokenizer, image_root: str | Path | None = None) -> Encoder:
-    """The vicuna_v1 encoder for a ``model`` config (kind llava_1_5: the tower's image processor;
-    kind hf_llava: the checkpoint's). Checks the config's image and patch size against the files."""
-    src = model_cfg.vision_path if model_cfg.kind == "llava_1_5" else model_cfg.path
+def processor_dir(model_cfg: Any) -> str:
+    """Where a ``model`` config's image processor lives: kind llava_1_5: the CLIP tower's
+    directory; kind hf_llava: the checkpoint's."""
+    return model_cfg.vision_path if model_cfg.kind == "llava_1_5" else model_cfg.path
+
+
+def model_preprocess(model_cfg: Any) -> Preprocess:
+    """The image preprocessing of a ``model`` config, checked against ``model.image_size``."""
+    src = processor_dir(model_cfg)
     pre = Preprocess(image_processor(src, int(model_cfg.image_size)))
     if pre.size != int(model_cfg.image_size):
         raise ValueError(f"model.image_size={model_cfg.image_size} but the image processor in {src} crops to "
                          f"{pre.size}")
+    return pre
+
+
+def make_encoder(model_cfg: Any, tokenizer, image_root: str | Path | None = None) -> Encoder:
+    """The vicuna_v1 encoder for a ``model`` config (kind llava_1_5: the tower's image processor;
+    kind hf_llava: the checkpoint's). Checks the config's image and patch size against the files."""
     n = (int(model_cfg.image_size) // int(model_cfg.patch_size)) ** 2
-    return Encoder(tokenizer, pre, n, int(model_cfg.max_length), image_root)
+    return Encoder(tokenizer, model_preprocess(model_cfg), n, int(model_cfg.max_length), image_root)
 
 
 def load_base(model_cfg: Any):

@@ -39,7 +39,6 @@ FACTS_TEMPLATE = "Facts : {facts} Question : {question}"
 TEXT_MIXES = {3: {"context_qa": 0.6, "choice": 0.16, "copy": 0.14, "trivia": 0.10},
               4: {"context_qa": 0.5, "facts": 0.1, "choice": 0.16, "copy": 0.14, "trivia": 0.10},
               5: {"context_qa": 0.45, "copy": 0.45, "choice": 0.05, "trivia": 0.05}}
-TEXT_MIX = TEXT_MIXES[STREAM_VERSION]
 
 
 def _image_spec(rng: random.Random) -> dict:
@@ -62,6 +61,12 @@ def _text(q: str, a: str) -> list[dict]:
     return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
 
 
+def copy_example(rng: random.Random) -> list[dict]:
+    """Repeat 3-12 words: the task that makes a small LM form look-up (induction) heads."""
+    words = " ".join(rng.choice(COPY_WORDS) for _ in range(rng.randint(3, 12)))
+    return _text(COPY_TEMPLATE.format(words=words), words)
+
+
 def facts_example(rng: random.Random) -> list[dict]:
     """The simplest look-up: 1-4 objects of distinct shapes and colours, one asked about."""
     n = rng.randint(1, 4)
@@ -82,8 +87,7 @@ def text_example(rng: random.Random, version: int = STREAM_VERSION) -> list[dict
     if kind == "trivia":
         return _text(*text_only_qa(rng))
     if kind == "copy":
-        words = " ".join(rng.choice(COPY_WORDS) for _ in range(rng.randint(3, 12)))
-        return _text(COPY_TEMPLATE.format(words=words), words)
+        return copy_example(rng)
     spec = sample_scene(rng) if rng.random() < 0.75 else sample_sign(rng, "train")
     if kind == "choice":
         qa = _any_qa(rng, spec)

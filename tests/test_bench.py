@@ -58,6 +58,21 @@ def test_lm_lookup_color_curve(tmp_path):
     assert set(k for k in row if k.startswith("context_")) == {"context_color_lookup"}
 
 
+def test_lm_lookup_letter_curve_from_a_checkpoint(tmp_path):
+    from icons.data.mini_llava import tokenizer_corpus
+    from icons.models import tiny_llava
+
+    tok = tiny_llava.build_tokenizer(tokenizer_corpus(per_family=50, per_task=20))
+    model = tiny_llava.build_model(tok, text_hidden=32, text_layers=1, vision_hidden=32)
+    tiny_llava.save(model, tok, tmp_path / "init")
+    out = tmp_path / "curve.jsonl"
+    _last_line([str(ROOT / "experiments" / "lm_lookup.py"), "--letter-lookup", "--init", str(tmp_path / "init"),
+                "--steps", "2", "--eval-every", "2", "--eval-n", "10", "--batch-size", "4", "--device", "cpu",
+                "--out", str(out)], tmp_path)
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert set(k for k in row if k.startswith("context_")) == {"context_letter_lookup"}
+
+
 def test_lm_phase_comes_first_and_leaves_the_mixed_stream_unchanged_without_it():
     first = [r for _, r in zip(range(40), base_stream(0, 0.5, 3, lm_examples=25))]
     assert all(r["_spec"] is None for r in first[:25])

@@ -241,3 +241,12 @@ def test_saved_config_round_trip(compose_cfg, tmp_path):
 def test_config_location():
     assert conf_dir().joinpath("config.yaml").is_file()
     assert CONFIG_PATH in ("pkg://icons.conf", str(conf_dir()))
+
+
+def test_paper_experiment_trains_the_projector_at_llava_lr(compose_cfg):
+    from icons.config import validate
+
+    cfg = validate(compose_cfg(["+experiment=llava_20pct"]))
+    assert cfg.train.mode == "lora" and cfg.train.projector_lr == 2e-5 and cfg.train.lr == 2e-4
+    with pytest.raises(ConfigError, match="train.projector_lr"):
+        validate(compose_cfg(["train.projector_lr=0"]))

@@ -117,3 +117,14 @@ def test_multirun_shares_features_across_jobs(tmp_path, smoke_base):
         sizes[(job, sel.name)] = len(json.loads((sel / "ids.json").read_text()))
     assert sorted(sizes.values()) == [24, 24, 48, 48]
     assert {name for _, name in sizes} == {"icons", "mean"}
+
+
+def test_warmup_ids_keep_pool_order_and_accept_mixed_id_types():
+    """LLaVA-format files may mix int and string ids: the warmup sample never compares them."""
+    from icons.warmup import warmup_ids
+
+    ids = [7, "b", 3, "a", 11, "z", 0, "q", 5, "m"]
+    picked = warmup_ids(ids, 0.5, seed=1)
+    assert len(picked) == 5 and len(set(map(repr, picked))) == 5
+    assert picked == [i for i in ids if i in picked]  # pool order
+    assert warmup_ids(ids, 0.5, seed=1) == picked and warmup_ids(ids, 0.5, seed=2) != picked

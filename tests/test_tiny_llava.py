@@ -135,3 +135,56 @@ def test_probe_reads_what_the_shipped_base_knows():
     assert acc["caption_color"] >= 90 and acc["caption_position"] >= 90
     assert acc["context_count"] >= 90 and acc["context_number"] >= 90
     assert set(acc) >= {"caption_shape", "caption_digit", "context_color", "context_exist"}
+
+
+@pytest.mark.parametrize("projector_lr", [None, 1e-2])
+def test_lora_training_trains_the_projector_only_with_its_own_lr(tok, projector_lr):
+    """LLaVA-1.5's LoRA recipe trains the projector beside the LoRA weights at its own lr
+    (--mm_projector_lr); without projector_lr the projector stays frozen."""
+    from types import SimpleNamespace
+
+    from icons.models.lora import add_lora
+    from icons.train import PROJECTOR, LlavaModule
+
+    torch.manual_seed(0)
+    model = add_lora(tiny_llava.build_model(tok, text_hidden=64, text_layers=2, vision_hidden=32),
+                     SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    set_trainable(model, "lora", projector=projector_lr is not None)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optim = OptimConfig(lr=3e-3, warmup_ratio=0.0, scheduler="constant", projector_lr=projector_lr)
+    groups = LlavaModule(model, optim, 1).configure_optimizers()["optimizer"].param_groups
+    assert [g["lr"] for g in groups] == ([3e-3] if projector_lr is None else [3e-3, projector_lr])
+    rec = {"id": "0", "image": "-", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the sign ?"}, {"from": "gpt", "value": "red"}]}
+    px = np.full((32, 32, 3), 200, np.uint8)
+    items = [Encoder(tok, 16, 32, 160).encode(rec, pixels=px)] * 4
+    fit(model, ShuffledBatches(items, 4, 2, 0, tok.pad_token_id), optim)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert any("lora_" in n for n in changed)
+    assert not any("vision_tower" in n for n in changed)
+    assert any(PROJECTOR in n for n in changed) == (projector_lr is not None)
+    assert all("lora_" in n or PROJECTOR in n for n in changed), sorted(changed)[:3]
+
+
+def test_lazy_encoding_decodes_images_only_when_asked_and_checks_lengths_up_front(tok, tmp_path):
+    """Training sets are encoded batch by batch (a real subset's pixels do not fit in memory);
+    a record that cannot be encoded still stops the run before training."""
+    from icons.data.encode import LazyEncoded
+
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "x.png")
+    records = [_record("x.png"), {**_record(), "id": "r2"}, {**_record("x.png"), "id": "r3"}]
+    records[1]["conversations"][-1]["value"] = " ".join(["red"] * 200)  # cut at max_length
+    enc = Encoder(tok, 16, 32, 160, tmp_path)
+    decoded = []
+    load = enc.load_image
+    enc.load_image = lambda r: (decoded.append(r["id"]) if r.get("image") else None) or load(r)
+    items = LazyEncoded(records, enc)
+    assert decoded == [] and len(items) == 3 and items.truncated == 1
+    eager = [Encoder(tok, 16, 32, 160, tmp_path).encode(r) for r in records]
+    for lazy, ref in zip([items[i] for i in range(3)], eager):
+        assert lazy.input_ids == ref.input_ids and lazy.labels == ref.labels and lazy.truncated == ref.truncated
+        assert (lazy.pixels is None) == (ref.pixels is None)
+        assert lazy.pixels is None or np.array_equal(lazy.pixels, ref.pixels)
+    assert decoded == ["r1", "r3"]
+    with pytest.raises(ValueError, match="'r1'.*longer than max_length"):
+        LazyEncoded([_record("x.png")], Encoder(tok, 16, 32, 12, tmp_path))

@@ -610,10 +610,16 @@ class TrainConfig:
     #: example_mean: mean over each example's own answer tokens, then over the batch (every
     #: example weighs the same); token_mean: HF's default (long answers dominate)
     loss: str = "example_mean"
+    #: learning rate of the multimodal projector. mode=lora: null keeps it frozen (LoRA weights
+    #: only); a number trains it beside the LoRA weights, as LLaVA-1.5's LoRA recipe does
+    #: (--mm_projector_lr 2e-5). mode=full: null = ``lr``.
+    projector_lr: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_choice(self, "loss", LOSS_CHOICES)
         _positive(self, "epochs", "batch_size", "lr", "log_every")
+        if self.projector_lr is not None:
+            _positive(self, "projector_lr")
         _non_negative(self, "weight_decay", "grad_clip")
         _check_range(self, "warmup_ratio", 0.0, 1.0, hi_open=True)
         _check_choice(self, "scheduler", SCHEDULER_CHOICES)

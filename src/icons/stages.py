@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import tracking
 from .config import ConfigError, vicuna_template
-from .data.encode import Encoder, EncodedDataset
+from .data.encode import Encoder, LazyEncoded
 from .data.mini_llava.pretraining import STREAM_VERSION
 from .data.pool import LazyPool
 from .io import config_hash, read_json, read_jsonl, save_npy, slow_point, write_json, write_jsonl
@@ -536,12 +536,14 @@ def train_model(run: Run, records: list[dict], out: Path, logger_run=None) -> di
         from .models.lora import add_lora
 
         model = add_lora(model, cfg.model.lora)
+        set_trainable(model, "lora", projector=cfg.train.projector_lr is not None)
     else:
         set_trainable(model, "full")
-    items = EncodedDataset(records, enc).items
+    items = LazyEncoded(records, enc)
     batches = batches_for(items, cfg.train.batch_size, cfg.train.epochs, cfg.seed, tok.pad_token_id, cfg.trainer)
     optim = OptimConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_ratio=cfg.train.warmup_ratio,
-                        scheduler=cfg.train.scheduler, grad_clip=cfg.train.grad_clip, loss=cfg.train.loss)
+                        scheduler=cfg.train.scheduler, grad_clip=cfg.train.grad_clip, loss=cfg.train.loss,
+                        projector_lr=cfg.train.projector_lr)
     torch.manual_seed(cfg.seed)
     module = fit(model, batches, optim, cfg.trainer, label=f"train {out.name}")
     if is_main_process():  # data parallel: rank 0 holds the whole trained model (also under FSDP)
@@ -555,7 +557,7 @@ def train_model(run: Run, records: list[dict], out: Path, logger_run=None) -> di
     for i, v in enumerate(curve):
         tracking.log_metrics(logger_run, {"train/loss": v, "train/step": i * k})
     return {"examples": len(records), "steps": len(losses), "loss_first": curve[0], "loss_last": curve[-1],
-            "truncated": sum(e.truncated for e in items)}
+            "truncated": items.truncated}
 
 
 def stage_train(run: Run) -> dict:

@@ -37,6 +37,8 @@ class OptimConfig:
     loss: str = "example_mean"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    #: the multimodal projector's own learning rate (LLaVA's mm_projector_lr); None = ``lr``
+    projector_lr: float | None = None
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, scheduler: str) -> float:
@@ -51,13 +53,31 @@ def lr_factor(step: int, total: int, warmup_ratio: float, scheduler: str) -> flo
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def set_trainable(model, mode: str) -> None:
+PROJECTOR = "multi_modal_projector"  # the projector's module name in transformers' LLaVA
+
+
+def set_trainable(model, mode: str, projector: bool = False) -> None:
     """'all': every weight (stage-1 base); 'full': projector + language model (vision frozen);
-    'lora': only LoRA weights (peft already froze the rest)."""
+    'lora': only LoRA weights (peft already froze the rest), plus the projector if ``projector``
+    (LLaVA-1.5's LoRA recipe trains it)."""
     if mode == "lora":
+        for name, p in model.named_parameters():
+            if projector and PROJECTOR in name:
+                p.requires_grad = True
         return
     for name, p in model.named_parameters():
         p.requires_grad = mode == "all" or "vision_tower" not in name
+
+
+def param_groups(model, lr: float, projector_lr: float | None) -> list[dict]:
+    """The trainable parameters as optimizer groups: the projector in a group of its own when it
+    has its own learning rate. Group 0 is always the main one (its lr is the one recorded)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if projector_lr is None or projector_lr == lr:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    groups = [{"params": [p for n, p in named if PROJECTOR not in n], "lr": lr},
+              {"params": [p for n, p in named if PROJECTOR in n], "lr": projector_lr}]
+    return [g for g in groups if g["params"]]
 
 
 #: keys a micro-batch carries beside the model's inputs (see ``micro_batch``)
@@ -124,7 +144,7 @@ class LlavaModule(L.LightningModule):
         return share * (accumulate * self.trainer.world_size)
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = param_groups(self.model, self.optim.lr, self.optim.projector_lr)
         opt = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay,
                                 betas=self.optim.betas, eps=self.optim.eps)
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -26,15 +26,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import parallel
-from .data.encode import EncodedDataset
+from .data.encode import LazyEncoded
 from .features.sharded import barrier, is_main_process
 from .io import read_json, slow_point, write_json
 from .train import LlavaModule, OptimConfig, batches_for, make_trainer
 
 
-def warmup_ids(pool_ids: list[str], fraction: float, seed: int) -> list[str]:
+def warmup_ids(pool_ids: list, fraction: float, seed: int) -> list:
+    """A seeded random ``fraction`` of the pool, in pool order (ids may be ints or strings, as the
+    user's JSON has them: they are never compared with each other)."""
     n = max(1, int(round(fraction * len(pool_ids))))
-    return sorted(random.Random(seed).sample(pool_ids, n))
+    return [pool_ids[i] for i in sorted(random.Random(seed).sample(range(len(pool_ids)), n))]
 
 
 class EpochCheckpoints(L.Callback):
@@ -85,7 +87,7 @@ def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, 
         for d in out_dir.glob(".checkpoint-*.partial") if out_dir.exists() else []:
             shutil.rmtree(d)
     barrier()
-    items = EncodedDataset(records, encoder).items
+    items = LazyEncoded(records, encoder)
     steps_per_epoch = math.ceil(len(items) / batch_size)
     done = finished_epochs(out_dir, epochs, steps_per_epoch)
     saved, start_epoch, adam_state = [], len(done), None

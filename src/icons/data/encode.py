@@ -7,6 +7,7 @@ an example's loss is the mean over its own answer tokens.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +76,10 @@ class Encoder:
                 n += len(self.text_ids(t["value"])) + 1
         return n
 
-    def encode(self, record: dict, with_answer: bool = True, pixels: np.ndarray | None = None) -> Encoded:
+    def encode(self, record: dict, with_answer: bool = True, pixels: np.ndarray | None = None,
+               load_image: bool = True) -> Encoded:
         """Whole conversation (training) or, with ``with_answer=False``, the prompt up to the
-        last assistant answer (generation)."""
+        last assistant answer (generation). ``load_image=False``: tokens only (pixels None)."""
         conv = record["conversations"]
         ids, labels = [self.tok.bos_token_id], [IGNORE]
         turns = conv if with_answer else conv[:-1]
@@ -92,7 +94,7 @@ class Encoder:
                 labels += a
         if not with_answer:
             labels = [IGNORE] * len(ids)
-        if pixels is None:
+        if pixels is None and load_image:
             pixels = self.load_image(record)
         return within_length(record, ids, labels, pixels, self.image_id, self.max_length)
 
@@ -141,15 +143,18 @@ def collate(batch: list[Encoded], pad_id: int, left_pad: bool = False) -> dict[s
     return out
 
 
-class EncodedDataset(torch.utils.data.Dataset):
-    """Records encoded once up front (images decoded once; the tiny benchmark fits in memory)."""
+class LazyEncoded(Sequence):
+    """Records encoded when a batch asks for them, images decoded then. Encoding a real subset up
+    front would not fit: 133K LLaVA-1.5 examples are 180 GB of float pixels (3 x 336 x 336 x 4 B
+    each). Construction makes one pass over the token ids only, so a record that cannot be encoded
+    stops the run before training starts, and counts the records cut at ``max_length``."""
 
     def __init__(self, records: list[dict], encoder: Encoder, with_answer: bool = True):
-        self.records = records
-        self.items = [encoder.encode(r, with_answer) for r in records]
+        self.records, self.encoder, self.with_answer = records, encoder, with_answer
+        self.truncated = sum(encoder.encode(r, with_answer, load_image=False).truncated for r in records)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.records)
 
     def __getitem__(self, i: int) -> Encoded:
-        return self.items[i]
+        return self.encoder.encode(self.records[i], self.with_answer)

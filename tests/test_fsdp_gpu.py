@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from icons.data.encode import Encoder
 from icons.io import read_json
-from icons.train import OptimConfig, batches_for, fit
+from icons.train import OptimConfig, batches_for, fit, set_trainable
 from icons.warmup import load_checkpoint, run_warmup
 
 from .conftest import compose_config
@@ -35,8 +35,9 @@ def _run(out, strategy, resume_from=None):
     if resume_from is not None:
         return
     tok, model = tiny_lora_model(LORA)
+    set_trainable(model, "lora", projector=True)  # two optimizer groups, as +experiment=llava_20pct
     batches = batches_for([enc.encode(r) for r in POOL], GLOBAL, EPOCHS, 1, tok.pad_token_id, _cfg(strategy))
-    fit(model, batches, OptimConfig(lr=5e-3, warmup_ratio=0.3, scheduler="linear", loss="token_mean"), _cfg(strategy))
+    fit(model, batches, OptimConfig(lr=5e-3, warmup_ratio=0.3, scheduler="linear", loss="token_mean", projector_lr=1e-3), _cfg(strategy))
     assert not any("fsdp" in n.lower() for n, _ in model.named_modules())  # a plain model again
     out_ = model.cpu()(input_ids=torch.tensor([[1, 5, 6]])).logits  # and it runs
     assert torch.isfinite(out_).all()

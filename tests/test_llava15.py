@@ -284,6 +284,24 @@ def test_token_layout_and_label_masking(parts, assembled):
     assert tok.convert_ids_to_tokens([i for i, lab in zip(t.input_ids, t.labels) if lab != IGNORE]) == ["yes", "</s>"]
 
 
+def test_lazy_training_set_with_the_vicuna_encoder(parts, assembled):
+    """Warmup and train encode LLaVA-1.5 records batch by batch through this encoder too."""
+    from icons.data.encode import LazyEncoded
+
+    enc = _encoder(assembled, parts["root"])
+    decoded = []
+    load = enc.load_image
+    enc.load_image = lambda r: decoded.append(r["id"]) or load(r)
+    items = LazyEncoded([RECORD, TEXT_RECORD], enc)
+    assert decoded == [] and len(items) == 2 and items.truncated == 0
+    eager = [_encoder(assembled, parts["root"]).encode(r) for r in (RECORD, TEXT_RECORD)]
+    got = [items[0], items[1]]
+    for lazy, ref in zip(got, eager):
+        assert lazy.input_ids == ref.input_ids and lazy.labels == ref.labels
+        assert (lazy.pixels is None) == (ref.pixels is None)
+    assert np.array_equal(got[0].pixels, eager[0].pixels) and decoded == [RECORD["id"]]
+
+
 def test_template_edge_cases(parts, assembled):
     enc = _encoder(assembled, parts["root"])
     lead = {"id": "g", "conversations": [{"from": "gpt", "value": "blue"}, *TEXT_RECORD["conversations"]]}

@@ -393,14 +393,15 @@ class Encoder:
         n = 1 + text.count(IMAGE_TOKEN) * self.n_image
         return n + sum(len(self.tok.encode(c, add_special_tokens=False)) for c in text.split(IMAGE_TOKEN) if c)
 
-    def encode(self, record: dict, with_answer: bool = True, pixels: np.ndarray | None = None) -> Encoded:
+    def encode(self, record: dict, with_answer: bool = True, pixels: np.ndarray | None = None,
+               load_image: bool = True) -> Encoded:
         n_tokens = sum(t["value"].count(IMAGE_TOKEN) for t in record["conversations"])
         if n_tokens > 1:
             raise ValueError(f"record {record.get('id')!r}: {n_tokens} {IMAGE_TOKEN} tokens; one image per record")
         if n_tokens and record.get("image") is None and pixels is None:
             raise ValueError(f"record {record.get('id')!r}: {IMAGE_TOKEN} in the text but no image")
         ids, labels = self._ids_labels(record, with_answer)
-        if pixels is None and self.image_id in ids:
+        if pixels is None and load_image and self.image_id in ids:
             pixels = self.load_image(record)
         return within_length(record, ids, labels, pixels, self.image_id, self.max_length)
 

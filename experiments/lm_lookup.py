@@ -19,10 +19,11 @@ Measured on 2 CPU threads (session 3): caption format alone stays at 52-57% for 
 batches copying it reaches 72% at 500 steps and 85% at 1000.
 
 ``--letter-lookup`` trains the second hop of a multiple-choice answer alone ("Candidates : A = red ;
-B = blue . Which letter is blue ?"); ``--init`` starts from a checkpoint. Session 4, from the shipped
-base (2 CPU threads): at half of the batches (copy 0.3, choice 0.2) it reaches 47 / 72 / 79 / 89% at
-500 / 1000 / 2000 / 3000 steps (chance about 35%), while the two-hop stage-1 "choice" task (look the
-answer up in the caption, then its letter) stays at chance (4 candidates: 20% -> 34%).
+B = blue . Which letter is blue ?"); ``--init`` starts from a checkpoint. Session 4 measured it with a
+one-off variant of this loop (from the shipped base, lr 1e-3, 2 CPU threads; letter look-up in half
+of the batches, copy 0.3, the two-hop stage-1 "choice" task 0.2): 47 / 72 / 79 / 89% at 500 / 1000 /
+2000 / 3000 steps (chance about 35%), while the two-hop task (look the answer up in the caption, then
+its letter) stayed at chance (4 candidates: 20% -> 34%).
 """
 from __future__ import annotations
 
@@ -54,14 +55,14 @@ def color_lookup_record(rng: random.Random, fmt: str) -> dict:
 
 def letter_lookup_record(rng: random.Random) -> dict:
     """The second hop of a multiple-choice answer alone: the letter of a named candidate."""
+    from icons.data.mini_llava.pretraining import candidates
     from icons.data.mini_llava.scenes import COLORS, SHAPES
 
     words = list(COLORS) + SHAPES + [str(d) for d in range(10)] + ["yes", "no", "left", "right", "small", "large"]
     opts = rng.sample(words, rng.randint(2, 4))
     k = rng.randrange(len(opts))
-    cands = " ; ".join(f"{'ABCD'[i]} = {o}" for i, o in enumerate(opts))
     return {"_spec": None, "conversations": [
-        {"from": "human", "value": f"Candidates : {cands} . Which letter is {opts[k]} ?"},
+        {"from": "human", "value": f"Candidates : {candidates(opts)} . Which letter is {opts[k]} ?"},
         {"from": "gpt", "value": "ABCD"[k]}]}
 
 

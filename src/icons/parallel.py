@@ -137,16 +137,14 @@ def load_adam_state(trainer, module, adam_state: dict[str, tuple[torch.Tensor, t
     if is_fsdp(trainer):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+        from .train import group_index
+
         root = trainer.strategy.model
-        from .train import PROJECTOR
-
-        def group(name: str) -> int:  # as train.param_groups: the projector last when it has its own lr
-            return len(opt.param_groups) - 1 if PROJECTOR in name else 0
-
         full = {"state": {f"model.{n}": {"step": torch.tensor(float(step)), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
                           for n, (m, v) in adam_state.items()},
                 "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
-                                  "params": [f"model.{n}" for n in module.trainable if group(n) == i]}
+                                  "params": [f"model.{n}" for n in module.trainable
+                                             if group_index(n, len(opt.param_groups)) == i]}
                                  for i, g in enumerate(opt.param_groups)]}
         with _full_state_context(root, rank0_only=False):
             opt.load_state_dict(FSDP.optim_state_dict_to_load(root, opt, full))

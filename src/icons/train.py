@@ -60,23 +60,27 @@ def set_trainable(model, mode: str, projector: bool = False) -> None:
     """'all': every weight (stage-1 base); 'full': projector + language model (vision frozen);
     'lora': only LoRA weights (peft already froze the rest), plus the projector if ``projector``
     (LLaVA-1.5's LoRA recipe trains it)."""
-    if mode == "lora":
-        for name, p in model.named_parameters():
-            if projector and PROJECTOR in name:
-                p.requires_grad = True
-        return
     for name, p in model.named_parameters():
-        p.requires_grad = mode == "all" or "vision_tower" not in name
+        if mode != "lora":
+            p.requires_grad = mode == "all" or "vision_tower" not in name
+        elif projector and PROJECTOR in name:
+            p.requires_grad = True
+
+
+def group_index(name: str, n_groups: int) -> int:
+    """The optimizer group of a trainable parameter (see ``param_groups``): the projector's own
+    group, when there is one, is the last."""
+    return n_groups - 1 if PROJECTOR in name else 0
 
 
 def param_groups(model, lr: float, projector_lr: float | None) -> list[dict]:
     """The trainable parameters as optimizer groups: the projector in a group of its own when it
     has its own learning rate. Group 0 is always the main one (its lr is the one recorded)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if projector_lr is None or projector_lr == lr:
-        return [{"params": [p for _, p in named], "lr": lr}]
-    groups = [{"params": [p for n, p in named if PROJECTOR not in n], "lr": lr},
-              {"params": [p for n, p in named if PROJECTOR in n], "lr": projector_lr}]
+    lrs = [lr] if projector_lr is None or projector_lr == lr else [lr, projector_lr]
+    groups = [{"params": [], "lr": x} for x in lrs]
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[group_index(name, len(groups))]["params"].append(p)
     return [g for g in groups if g["params"]]
 
 

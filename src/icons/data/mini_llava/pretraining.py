@@ -67,6 +67,11 @@ def copy_example(rng: random.Random) -> list[dict]:
     return _text(COPY_TEMPLATE.format(words=words), words)
 
 
+def candidates(options: list[str]) -> str:
+    """Lettered candidates in stage-1's own format ("A = red ; B = blue"), not any target task's."""
+    return " ; ".join(f"{'ABCD'[i]} = {o}" for i, o in enumerate(options))
+
+
 def facts_example(rng: random.Random) -> list[dict]:
     """The simplest look-up: 1-4 objects of distinct shapes and colours, one asked about."""
     n = rng.randint(1, 4)
@@ -94,8 +99,7 @@ def text_example(rng: random.Random, version: int = STREAM_VERSION) -> list[dict
         others = [c for c in qa.candidates if c != qa.answer]
         opts = rng.sample(others, min(len(others), rng.randint(1, 3))) + [qa.answer]
         rng.shuffle(opts)
-        cands = " ; ".join(f"{'ABCD'[i]} = {o}" for i, o in enumerate(opts))
-        return _text(CHOICE_TEMPLATE.format(caption=caption(spec), question=qa.question, candidates=cands),
+        return _text(CHOICE_TEMPLATE.format(caption=caption(spec), question=qa.question, candidates=candidates(opts)),
                      "ABCD"[opts.index(qa.answer)])
     turns = []
     for k in range(rng.randint(1, 4)):  # several questions about one described scene

@@ -103,3 +103,43 @@ def test_compute_device(monkeypatch):
         compute_device(SimpleNamespace(accelerator="gpu"))
     with pytest.raises(ValueError, match="tpu"):
         compute_device(SimpleNamespace(accelerator="tpu"))
+
+
+def test_stream_v6_captions_objects_in_random_order_and_v5_in_cell_order():
+    """Stream v6 = v5 with each scene's objects captioned in random order (the image is the same:
+    rendering ignores the order); v5, the shipped base's stream, keeps cell order."""
+    from icons.data.mini_llava.language import caption
+    from icons.data.mini_llava.scenes import CELLS, render
+
+    def scenes(version):
+        out = []
+        for r in [r for _, r in zip(range(400), base_stream(0, 0.5, version))]:
+            spec = r["_spec"]
+            if spec is not None and spec["kind"] == "scene" and len(spec["objs"]) > 1:
+                assert r["conversations"][1]["value"] == caption(spec)
+                out.append(spec)
+        return out
+
+    in_cell_order = lambda spec: [o["cell"] for o in spec["objs"]] == sorted((o["cell"] for o in spec["objs"]), key=CELLS.index)
+    assert all(in_cell_order(s) for s in scenes(5))
+    v6 = scenes(6)
+    assert len(v6) > 40 and sum(not in_cell_order(s) for s in v6) > len(v6) // 3
+    s = v6[next(i for i, s in enumerate(v6) if not in_cell_order(s))]
+    ordered = {**s, "objs": sorted(s["objs"], key=lambda o: CELLS.index(o["cell"]))}
+    assert render(s).tobytes() == render(ordered).tobytes() and caption(s) != caption(ordered)
+
+
+def test_pretrain_base_continues_from_a_checkpoint(tmp_path):
+    """--init: the architecture and tokenizer come from the checkpoint, the weights move on."""
+    from icons.models import tiny_llava
+    from icons.models.base import pretrain_base
+
+    first = pretrain_base(tmp_path / "a", examples=64, batch_size=16, text_hidden=32, text_layers=1, vision_hidden=32)
+    second = pretrain_base(tmp_path / "b", examples=64, batch_size=16, lr=1e-3, stream=6, init=first)
+    recipe = json.loads((second / "icons_base.json").read_text())["recipe"]
+    assert recipe["init"] == str(first) and recipe["stream"] == 6
+    assert (recipe["text_hidden"], recipe["text_layers"], recipe["vision_hidden"]) == (32, 1, 32)
+    (m1, t1), (m2, t2) = tiny_llava.load(first), tiny_llava.load(second)
+    assert t1.get_vocab() == t2.get_vocab()
+    w1, w2 = m1.state_dict(), m2.state_dict()
+    assert w1.keys() == w2.keys() and any(not torch.equal(w1[k], w2[k]) for k in w1)

@@ -135,6 +135,38 @@ def test_probe_reads_what_the_shipped_base_knows():
     assert acc["caption_color"] >= 90 and acc["caption_position"] >= 90
     assert acc["context_count"] >= 90 and acc["context_number"] >= 90
     assert set(acc) >= {"caption_shape", "caption_digit", "context_color", "context_exist"}
+    assert acc["lookup_shape"] > 35  # chance 25: the words scored are the right ones (next test)
+
+
+def test_probe_lookup_scores_exactly_the_words_fixed_by_the_caption_so_far():
+    """lookup_item scores the shape after "A <size> <colour>" and the cell after the full name,
+    only where those earlier words name one object: checked against the caption's own words."""
+    import random
+
+    from icons.data.mini_llava.scenes import CELLS, SHAPES
+    from icons.models.base import ASSET
+    from icons.models.probe import lookup_item
+
+    _, tok = tiny_llava.load(ASSET)
+    enc = Encoder(tok, tiny_llava.n_image_tokens(32, 8), 32, 256)
+    rng = random.Random(3)
+    kinds = {"shape": 0, "position": 0}
+    for _ in range(60):
+        item, scored = lookup_item(enc, rng)
+        words = tok.convert_ids_to_tokens([t for t in item.labels if t != IGNORE])
+        objects = " ".join(words).split(" . A ")[1:]  # "small red circle at the top left"
+        names = [o.split(" at ")[0].split() for o in objects]
+        for kind, at in scored:
+            kinds[kind] += 1
+            if kind == "shape":
+                size_colour = words[at[0] - 2:at[0]]
+                assert words[at[0]] in SHAPES and sum(n[:2] == size_colour for n in names) == 1
+            else:
+                name = words[at[0] - 5:at[0] - 2]  # "<size> <colour> <shape> at the <cell>"
+                assert " ".join(words[j] for j in at) in CELLS and words[at[0] - 2:at[0]] == ["at", "the"]
+                assert sum(n == name for n in names) == 1
+        assert len(scored) >= 1
+    assert kinds["shape"] > 60 and kinds["position"] > 60
 
 
 @pytest.mark.parametrize("projector_lr", [None, 1e-2])

@@ -1,9 +1,14 @@
 """What a tiny base knows, word by word: the diagnostic behind the benchmark's known limit.
 
-Two teacher-forced measurements on fresh held-out items (nothing is generated, so a wrong early
+Three teacher-forced measurements on fresh held-out items (nothing is generated, so a wrong early
 token cannot hide a right later one):
 - ``caption_<kind>``: share of caption words of each kind (colour, shape, size, position, digit)
   predicted right from the image: does the vision side see?
+- ``lookup_<shape|position>``: the same, on captions of 2-4 objects listed in random order, for
+  the words fixed by what the caption has already said (the shape of "a small red ...", the place
+  of "a small red circle ..."; objects whose earlier words are shared are skipped). Captions in
+  cell order can be read off the image by position alone; these words need the language model to
+  find an object in the image by its content, as existence and attribute questions do.
 - ``context_<skill>``: share of text-only "Context : <caption> Question : <q>" items whose whole
   answer is predicted right: can the language model look facts up in its context?
 
@@ -48,6 +53,27 @@ def context_items(enc: Encoder, n: int, rng: random.Random) -> list[tuple[str, o
     return items
 
 
+def lookup_item(enc: Encoder, rng: random.Random):
+    """A scene of 2-4 objects captioned in random object order, with the answer words to score:
+    (encoded item, [(kind, answer word indices)]): kind 'shape' (one word) or 'position' (the
+    cell's two words, right only together)."""
+    spec = sample_scene(rng, 2, 4)
+    rng.shuffle(spec["objs"])  # rendering ignores the order; the caption follows it
+    words = caption(spec).split()
+    scored, i = [], words.index(".") + 1  # after "There are N objects ."
+    objs = spec["objs"]
+    for o in objs:  # "A <size> <color> <shape> at the <cell words> ."
+        n_cell = len(o["cell"].split())
+        if sum((x["size"], x["color"]) == (o["size"], o["color"]) for x in objs) == 1:
+            scored.append(("shape", [i + 3]))
+        if sum((x["size"], x["color"], x["shape"]) == (o["size"], o["color"], o["shape"]) for x in objs) == 1:
+            scored.append(("position", [i + 6 + k for k in range(n_cell)]))
+        i += 7 + n_cell
+    rec = {"conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly ."},
+                             {"from": "gpt", "value": " ".join(words)}]}
+    return enc.encode(rec, pixels=tiny_llava.pixels_uint8(render(spec), enc.image_size)), scored
+
+
 def _predicted(model, tok, items):
     batch = collate(items, tok.pad_token_id)
     device = next(model.parameters()).device
@@ -71,7 +97,8 @@ def context_accuracy(model, tok, items, batch_size: int = 100) -> dict[str, floa
 
 @torch.no_grad()
 def probe(model, tok, n: int = 300, seed: int = 999, batch_size: int = 100) -> dict[str, float]:
-    """{'caption_color': %, ..., 'context_color': %, ...} on ``n`` fresh items of each kind."""
+    """{'caption_color': %, ..., 'lookup_shape': %, ..., 'context_color': %, ...} on ``n`` fresh
+    items of each kind."""
     image_size = model.config.vision_config.image_size
     patch = model.config.vision_config.patch_size
     enc = Encoder(tok, tiny_llava.n_image_tokens(image_size, patch), image_size, max_length=256)
@@ -91,6 +118,15 @@ def probe(model, tok, n: int = 300, seed: int = 999, batch_size: int = 100) -> d
         for p, t in zip(pred.flatten().tolist(), labels.flatten().tolist()):
             if t in kinds:
                 hits[f"caption_{kinds[t]}"].append(p == t)
+    lookups = [lookup_item(enc, rng) for _ in range(n)]
+    for s in range(0, n, batch_size):
+        chunk = lookups[s:s + batch_size]
+        pred, labels = _predicted(model, tok, [e for e, _ in chunk])
+        for row, (_, scored) in enumerate(chunk):
+            answer = (labels[row] != IGNORE).nonzero().flatten().tolist()  # answer word j at answer[j]
+            for kind, words in scored:
+                at = [answer[j] for j in words]
+                hits[f"lookup_{kind}"].append(bool((pred[row, at] == labels[row, at]).all()))
     out = {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}
     return {**out, **context_accuracy(model, tok, context, batch_size)}
 

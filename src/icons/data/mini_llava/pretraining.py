@@ -44,8 +44,8 @@ FACTS_TEMPLATE = "Facts : {facts} Question : {question}"
 # Shares of the text-only part of the stream, per stream version.
 TEXT_MIXES = {3: {"context_qa": 0.6, "choice": 0.16, "copy": 0.14, "trivia": 0.10},
               4: {"context_qa": 0.5, "facts": 0.1, "choice": 0.16, "copy": 0.14, "trivia": 0.10},
-              5: {"context_qa": 0.45, "copy": 0.45, "choice": 0.05, "trivia": 0.05},
-              6: {"context_qa": 0.45, "copy": 0.45, "choice": 0.05, "trivia": 0.05}}
+              5: {"context_qa": 0.45, "copy": 0.45, "choice": 0.05, "trivia": 0.05}}
+TEXT_MIXES[6] = TEXT_MIXES[5]  # v6 changes the captions' object order, not the mix
 #: the first stream version whose captions list a scene's objects in random order
 RANDOM_ORDER_VERSION = 6
 

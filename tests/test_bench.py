@@ -129,6 +129,20 @@ def test_stream_v6_captions_objects_in_random_order_and_v5_in_cell_order():
     assert render(s).tobytes() == render(ordered).tobytes() and caption(s) != caption(ordered)
 
 
+def test_stream_v7_carries_the_two_hop_choice_in_facts_and_caption_form():
+    """v7 = v6's captions plus the composed choice in its simplest form ("Facts : ... Candidates :")
+    beside the caption form, at the shares of TEXT_MIXES[7]; v6 has no facts-form choice."""
+    def prompts(version):
+        return [r["conversations"][0]["value"] for _, r in zip(range(2000), base_stream(1, 1.0, version))]
+
+    v7 = prompts(7)
+    facts_choice = sum(p.startswith("Facts : ") and " Candidates : " in p for p in v7)
+    caption_choice = sum(p.startswith("Context : ") and " Candidates : " in p for p in v7)
+    assert abs(facts_choice / 2000 - TEXT_MIXES[7]["two_hop"]) < 0.03
+    assert abs(caption_choice / 2000 - TEXT_MIXES[7]["choice"]) < 0.03
+    assert not any(p.startswith("Facts : ") and " Candidates : " in p for p in prompts(6))
+
+
 def test_pretrain_base_continues_from_a_checkpoint(tmp_path):
     """--init: the architecture and tokenizer come from the checkpoint, the weights move on."""
     from icons.models import tiny_llava
@@ -143,3 +157,37 @@ def test_pretrain_base_continues_from_a_checkpoint(tmp_path):
     assert t1.get_vocab() == t2.get_vocab()
     w1, w2 = m1.state_dict(), m2.state_dict()
     assert w1.keys() == w2.keys() and any(not torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_lm_lookup_two_hop_curve_and_its_items(tmp_path):
+    """--two-hop reports the composed task per number of candidates and each hop alone; each
+    item's letter names the candidate that the facts answer (worked out here from the text)."""
+    import random
+    import sys
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from lm_lookup import two_hop_record
+
+    for i in range(200):
+        rec, m = two_hop_record(random.Random(i))
+        prompt, letter = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
+        facts = prompt.split("Facts : ")[1].split(" Question : ")[0].split(" . ")
+        pairs = [f.rstrip(" .").split() for f in facts]  # [colour, shape]
+        question = prompt.split(" Question : ")[1].split(" Candidates : ")[0].split()
+        if question[1] == "color":  # What color is the <shape> ?
+            answer = next(c for c, s in pairs if s == question[4])
+        else:  # What shape is the <colour> object ?
+            answer = next(s for c, s in pairs if c == question[4])
+        cands = dict(c.split(" = ") for c in prompt.split(" Candidates : ")[1].split(" . Give")[0].split(" ; "))
+        assert len(cands) == m and cands[letter] == answer
+    out = tmp_path / "curve.jsonl"
+    _last_line([str(ROOT / "experiments" / "lm_lookup.py"), "--two-hop", "--steps", "2", "--eval-every", "2",
+                "--eval-n", "30", "--batch-size", "4", "--layers", "1", "--hidden", "32", "--device", "cpu",
+                "--out", str(out), "--save", str(tmp_path / "trained")], tmp_path)
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert set(k for k in row if k.startswith("context_")) == {
+        "context_facts", "context_letter", "context_two_hop_2", "context_two_hop_3", "context_two_hop_4"}
+    from icons.models import tiny_llava
+
+    model, _ = tiny_llava.load(tmp_path / "trained")  # --save: a checkpoint the pipeline can start from
+    assert model.config.text_config.num_hidden_layers == 1 and model.config.text_config.hidden_size == 32

@@ -134,8 +134,34 @@ def test_probe_reads_what_the_shipped_base_knows():
     acc = probe(model, tok, n=60)
     assert acc["caption_color"] >= 90 and acc["caption_position"] >= 90
     assert acc["context_count"] >= 90 and acc["context_number"] >= 90
-    assert set(acc) >= {"caption_shape", "caption_digit", "context_color", "context_exist"}
+    assert set(acc) >= {"caption_shape", "caption_digit", "context_color", "context_exist",
+                        "choice_2", "choice_3", "choice_4"}
     assert acc["lookup_shape"] > 35  # chance 25: the words scored are the right ones (next test)
+
+
+def test_choice_items_letter_names_the_answer_of_the_question():
+    """The probe's choice items (stage-1's "choice" task): the letter answered is the one whose
+    candidate is the question's answer, and the item's label counts the candidates."""
+    import random
+
+    from icons.data.mini_llava.pretraining import _any_qa, choice_example
+    from icons.data.mini_llava.scenes import sample_scene, sample_sign
+    from icons.models.base import ASSET
+    from icons.models.probe import choice_items
+
+    for i in range(100):
+        spec = sample_scene(random.Random(i)) if i % 4 else sample_sign(random.Random(i), "eval")
+        human, gpt = choice_example(random.Random(1000 + i), spec)
+        qa = _any_qa(random.Random(1000 + i), spec)  # the same draws: the question asked
+        cands = dict(c.split(" = ") for c in human["value"].split(" Candidates : ")[1].split(" . Give")[0].split(" ; "))
+        assert qa.question in human["value"] and cands[gpt["value"]] == qa.answer
+    _, tok = tiny_llava.load(ASSET)
+    enc = Encoder(tok, tiny_llava.n_image_tokens(32, 8), 32, 256)
+    items = choice_items(enc, 60, random.Random(0))
+    for label, item in items:
+        prompt = tok.decode([t for t, lab in zip(item.input_ids, item.labels) if lab == IGNORE])
+        assert label == f"choice_{prompt.count(' = ')}"
+    assert {label for label, _ in items} == {"choice_2", "choice_3", "choice_4"}
 
 
 def test_probe_lookup_scores_exactly_the_words_fixed_by_the_caption_so_far():

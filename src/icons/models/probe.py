@@ -1,6 +1,6 @@
 """What a tiny base knows, word by word: the diagnostic behind the benchmark's known limit.
 
-Three teacher-forced measurements on fresh held-out items (nothing is generated, so a wrong early
+Four teacher-forced measurements on fresh held-out items (nothing is generated, so a wrong early
 token cannot hide a right later one):
 - ``caption_<kind>``: share of caption words of each kind (colour, shape, size, position, digit)
   predicted right from the image: does the vision side see?
@@ -11,8 +11,10 @@ token cannot hide a right later one):
   find an object in the image by its content, as existence and attribute questions do.
 - ``context_<skill>``: share of text-only "Context : <caption> Question : <q>" items whose whole
   answer is predicted right: can the language model look facts up in its context?
+- ``choice_<n>``: the same with ``n`` lettered candidates (stage-1's "choice" task; chance 1/n):
+  can it compose that look-up with a second one, the answer's letter, as multiple choice needs?
 
-``python -m icons.models.probe [checkpoint_dir]`` prints both for the shipped base by default.
+``python -m icons.models.probe [checkpoint_dir]`` prints them all for the shipped base by default.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 
 from ..data.encode import IGNORE, Encoder, collate
 from ..data.mini_llava.language import ask, caption, skills_for
-from ..data.mini_llava.pretraining import CONTEXT_TEMPLATE
+from ..data.mini_llava.pretraining import CONTEXT_TEMPLATE, choice_example
 from ..data.mini_llava.scenes import CELLS, COLORS, SHAPES, SIZES, render, sample_scene, sample_sign
 from . import tiny_llava
 
@@ -50,6 +52,17 @@ def context_items(enc: Encoder, n: int, rng: random.Random) -> list[tuple[str, o
             q = CONTEXT_TEMPLATE.format(caption=caption(spec), question=qa.question)
             items.append((skill, enc.encode({"conversations": [{"from": "human", "value": q},
                                                                {"from": "gpt", "value": qa.answer}]})))
+    return items
+
+
+def choice_items(enc: Encoder, n: int, rng: random.Random) -> list[tuple[str, object]]:
+    """``n`` text-only stage-1 "choice" items as ('choice_<#candidates>', encoded)."""
+    items = []
+    for _ in range(n):
+        spec = sample_scene(rng) if rng.random() < 0.75 else sample_sign(rng, "eval")
+        conv = choice_example(rng, spec)
+        n_candidates = conv[0]["value"].count(" = ")  # "A = red ; B = blue"
+        items.append((f"choice_{n_candidates}", enc.encode({"conversations": conv})))
     return items
 
 
@@ -82,8 +95,8 @@ def _predicted(model, tok, items):
 
 
 @torch.no_grad()
-def context_accuracy(model, tok, items, batch_size: int = 100) -> dict[str, float]:
-    """{'context_<skill>': % of items whose whole answer is predicted right (teacher-forced)}."""
+def context_accuracy(model, tok, items, batch_size: int = 100, prefix: str = "context_") -> dict[str, float]:
+    """{'<prefix><skill>': % of items whose whole answer is predicted right (teacher-forced)}."""
     hits: dict[str, list[bool]] = defaultdict(list)
     model.eval()
     for s in range(0, len(items), batch_size):
@@ -91,14 +104,14 @@ def context_accuracy(model, tok, items, batch_size: int = 100) -> dict[str, floa
         pred, labels = _predicted(model, tok, [e for _, e in chunk])
         whole = ((pred == labels) | (labels == IGNORE)).all(1)
         for (skill, _), ok in zip(chunk, whole.tolist()):
-            hits[f"context_{skill}"].append(ok)
+            hits[f"{prefix}{skill}"].append(ok)
     return {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}
 
 
 @torch.no_grad()
 def probe(model, tok, n: int = 300, seed: int = 999, batch_size: int = 100) -> dict[str, float]:
-    """{'caption_color': %, ..., 'lookup_shape': %, ..., 'context_color': %, ...} on ``n`` fresh
-    items of each kind."""
+    """{'caption_color': %, ..., 'lookup_shape': %, ..., 'context_color': %, ..., 'choice_2': %, ...}
+    on ``n`` fresh items of each kind."""
     image_size = model.config.vision_config.image_size
     patch = model.config.vision_config.patch_size
     enc = Encoder(tok, tiny_llava.n_image_tokens(image_size, patch), image_size, max_length=256)
@@ -128,7 +141,9 @@ def probe(model, tok, n: int = 300, seed: int = 999, batch_size: int = 100) -> d
                 at = [answer[j] for j in words]
                 hits[f"lookup_{kind}"].append(bool((pred[row, at] == labels[row, at]).all()))
     out = {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(hits.items())}
-    return {**out, **context_accuracy(model, tok, context, batch_size)}
+    choices = choice_items(enc, n, rng)
+    return {**out, **context_accuracy(model, tok, context, batch_size),
+            **context_accuracy(model, tok, choices, batch_size, prefix="")}
 
 
 def main(argv=None) -> None:

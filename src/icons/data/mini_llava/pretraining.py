@@ -22,6 +22,9 @@ shape after "A small red" and the place after "A small red circle" must be found
 content, which is what existence and attribute questions need. Continuing the shipped base on it
 for 3000 steps raised that look-up (``python -m icons.models.probe``: lookup_shape 59 -> 77%,
 lookup_position 35 -> 63%) and let 6000 existence questions teach POPE (50 -> 67%); README, Known limit.
+Stream version 7 is v6 plus (g) the two-hop choice in the facts form (``two_hop_example``), which a
+4-layer LM composes only after about 12k text-only steps (experiments/lm_lookup.py --two-hop), beside
+the caption-form choice at a larger share (README, Known limit: session 6).
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ TEXT_MIXES = {3: {"context_qa": 0.6, "choice": 0.16, "copy": 0.14, "trivia": 0.1
               4: {"context_qa": 0.5, "facts": 0.1, "choice": 0.16, "copy": 0.14, "trivia": 0.10},
               5: {"context_qa": 0.45, "copy": 0.45, "choice": 0.05, "trivia": 0.05}}
 TEXT_MIXES[6] = TEXT_MIXES[5]  # v6 changes the captions' object order, not the mix
+# v7: v6's captions; the two-hop choice in both forms (facts and captions) beside its first hop
+TEXT_MIXES[7] = {"context_qa": 0.3, "copy": 0.25, "choice": 0.2, "two_hop": 0.15, "facts": 0.1}
 #: the first stream version whose captions list a scene's objects in random order
 RANDOM_ORDER_VERSION = 6
 
@@ -88,6 +93,17 @@ def candidates(options: list[str]) -> str:
     return " ; ".join(f"{'ABCD'[i]} = {o}" for i, o in enumerate(options))
 
 
+def choice_example(rng: random.Random, spec: dict) -> list[dict]:
+    """Two look-ups composed: the answer in the described scene, then its letter among 2-4
+    candidates (what MMBench and SQA ask of the language model, in stage-1's own format)."""
+    qa = _any_qa(rng, spec)
+    others = [c for c in qa.candidates if c != qa.answer]
+    opts = rng.sample(others, min(len(others), rng.randint(1, 3))) + [qa.answer]
+    rng.shuffle(opts)
+    return _text(CHOICE_TEMPLATE.format(caption=caption(spec), question=qa.question, candidates=candidates(opts)),
+                 "ABCD"[opts.index(qa.answer)])
+
+
 def facts_example(rng: random.Random) -> list[dict]:
     """The simplest look-up: 1-4 objects of distinct shapes and colours, one asked about."""
     n = rng.randint(1, 4)
@@ -99,24 +115,39 @@ def facts_example(rng: random.Random) -> list[dict]:
     return _text(FACTS_TEMPLATE.format(facts=facts, question=f"What shape is the {colors[k]} object ?"), shapes[k])
 
 
+def two_hop_example(rng: random.Random) -> list[dict]:
+    """Both hops of a multiple-choice answer in the simplest text form: the answer among 2-4 facts,
+    then its letter among 2-4 candidates in stage-1's format ("Facts : red square . blue circle .
+    Question : What color is the circle ? Candidates : A = blue ; B = red . Give the letter .")."""
+    n = rng.randint(2, 4)
+    shapes, colors = rng.sample(SHAPES, n), rng.sample(list(COLORS), n)
+    facts = " ".join(f"{c} {s} ." for c, s in zip(colors, shapes))
+    k = rng.randrange(n)
+    if rng.random() < 0.5:
+        q, answer, pool = f"What color is the {shapes[k]} ?", colors[k], list(COLORS)
+    else:
+        q, answer, pool = f"What shape is the {colors[k]} object ?", shapes[k], SHAPES
+    opts = rng.sample([w for w in pool if w != answer], rng.randint(1, 3)) + [answer]
+    rng.shuffle(opts)
+    return _text(f"{FACTS_TEMPLATE.format(facts=facts, question=q)} Candidates : {candidates(opts)} . Give the letter .",
+                 "ABCD"[opts.index(answer)])
+
+
 def text_example(rng: random.Random, version: int = STREAM_VERSION) -> list[dict]:
     """One text-only stage-1 conversation (the 'pretrained LLM' part of the stream)."""
     mix = TEXT_MIXES[version]
     kind = rng.choices(list(mix), list(mix.values()))[0]
     if kind == "facts":
         return facts_example(rng)
+    if kind == "two_hop":
+        return two_hop_example(rng)
     if kind == "trivia":
         return _text(*text_only_qa(rng))
     if kind == "copy":
         return copy_example(rng)
     spec = _scene(rng, version) if rng.random() < 0.75 else sample_sign(rng, "train")
     if kind == "choice":
-        qa = _any_qa(rng, spec)
-        others = [c for c in qa.candidates if c != qa.answer]
-        opts = rng.sample(others, min(len(others), rng.randint(1, 3))) + [qa.answer]
-        rng.shuffle(opts)
-        return _text(CHOICE_TEMPLATE.format(caption=caption(spec), question=qa.question, candidates=candidates(opts)),
-                     "ABCD"[opts.index(qa.answer)])
+        return choice_example(rng, spec)
     turns = []
     for k in range(rng.randint(1, 4)):  # several questions about one described scene
         qa = _any_qa(rng, spec)

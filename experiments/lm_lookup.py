@@ -21,11 +21,11 @@ batches copying it reaches 72% at 500 steps and 85% at 1000.
 ``--letter-lookup`` trains the second hop of a multiple-choice answer alone ("Candidates : A = red ;
 B = blue . Which letter is blue ?"); ``--two-hop`` trains both hops composed ("Facts : red square .
 blue circle . Question : What color is the circle ? Candidates : A = blue ; B = red . Give the
-letter .") beside each hop alone and copying (TWO_HOP_MIX); ``--init`` starts from a checkpoint. Session 4 measured it with a
-one-off variant of this loop (from the shipped base, lr 1e-3, 2 CPU threads; letter look-up in half
-of the batches, copy 0.3, the two-hop stage-1 "choice" task 0.2): 47 / 72 / 79 / 89% at 500 / 1000 /
-2000 / 3000 steps (chance about 35%), while the two-hop task (look the answer up in the caption, then
-its letter) stayed at chance (4 candidates: 20% -> 34%).
+letter .") beside each hop alone and copying (TWO_HOP_MIX); ``--init`` starts from a checkpoint.
+Session 4 measured it with a one-off variant of this loop (from the shipped base, lr 1e-3, 2 CPU
+threads; letter look-up in half of the batches, copy 0.3, the two-hop stage-1 "choice" task 0.2):
+47 / 72 / 79 / 89% at 500 / 1000 / 2000 / 3000 steps (chance about 35%), while the two-hop task
+(look the answer up in the caption, then its letter) stayed at chance (4 candidates: 20% -> 34%).
 """
 from __future__ import annotations
 
@@ -71,10 +71,10 @@ def letter_lookup_record(rng: random.Random) -> dict:
 def two_hop_record(rng: random.Random) -> tuple[dict, int]:
     """Both hops of a multiple-choice answer in the simplest text form (stage-1's two_hop_example):
     (record, #candidates)."""
-    from icons.data.mini_llava.pretraining import two_hop_example
+    from icons.data.mini_llava.pretraining import count_candidates, two_hop_example
 
     conv = two_hop_example(rng)
-    return {"_spec": None, "conversations": conv}, conv[0]["value"].count(" = ")
+    return {"_spec": None, "conversations": conv}, count_candidates(conv[0]["value"])
 
 
 #: --two-hop trains on the composed task beside both of its hops (and copying), so that a failure

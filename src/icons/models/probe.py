@@ -26,7 +26,7 @@ import torch
 
 from ..data.encode import IGNORE, Encoder, collate
 from ..data.mini_llava.language import ask, caption, skills_for
-from ..data.mini_llava.pretraining import CONTEXT_TEMPLATE, choice_example
+from ..data.mini_llava.pretraining import CONTEXT_TEMPLATE, choice_example, count_candidates
 from ..data.mini_llava.scenes import CELLS, COLORS, SHAPES, SIZES, render, sample_scene, sample_sign
 from . import tiny_llava
 
@@ -61,8 +61,7 @@ def choice_items(enc: Encoder, n: int, rng: random.Random) -> list[tuple[str, ob
     for _ in range(n):
         spec = sample_scene(rng) if rng.random() < 0.75 else sample_sign(rng, "eval")
         conv = choice_example(rng, spec)
-        n_candidates = conv[0]["value"].count(" = ")  # "A = red ; B = blue"
-        items.append((f"choice_{n_candidates}", enc.encode({"conversations": conv})))
+        items.append((f"choice_{count_candidates(conv[0]['value'])}", enc.encode({"conversations": conv})))
     return items
 
 

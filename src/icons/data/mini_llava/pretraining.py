@@ -93,6 +93,11 @@ def candidates(options: list[str]) -> str:
     return " ; ".join(f"{'ABCD'[i]} = {o}" for i, o in enumerate(options))
 
 
+def count_candidates(prompt: str) -> int:
+    """How many lettered candidates a prompt built with ``candidates`` offers."""
+    return prompt.count(" = ")
+
+
 def choice_example(rng: random.Random, spec: dict) -> list[dict]:
     """Two look-ups composed: the answer in the described scene, then its letter among 2-4
     candidates (what MMBench and SQA ask of the language model, in stage-1's own format)."""

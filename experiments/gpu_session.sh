@@ -49,7 +49,7 @@ curve() {
 #  choice needs stays at chance for 10k steps while both hops are learned, then appears (20k steps:
 #  96 / 82 / 71% with 2 / 3 / 4 candidates). Open: how a from-scratch base learns it inside the
 #  mixed stream, and whether larger fresh language models compose sooner.)
-train_base c_s7 --stream 7 --lm-examples $LM &
+train_base c_s7 --stream 7 --lm-examples $LM --phases none &
 curve --two-hop --steps $STEPS &
 curve --two-hop --layers 6 --hidden 256 --heads 8 --steps $STEPS &
 curve --two-hop --layers 8 --hidden 384 --heads 8 --steps $STEPS &

@@ -21,7 +21,8 @@ batches copying it reaches 72% at 500 steps and 85% at 1000.
 ``--letter-lookup`` trains the second hop of a multiple-choice answer alone ("Candidates : A = red ;
 B = blue . Which letter is blue ?"); ``--two-hop`` trains both hops composed ("Facts : red square .
 blue circle . Question : What color is the circle ? Candidates : A = blue ; B = red . Give the
-letter .") beside each hop alone and copying (TWO_HOP_MIX); ``--init`` starts from a checkpoint.
+letter .") beside each hop alone and copying (pretraining.TWO_HOP_MIX: the base's ``two_hop``
+phase, the same loop, ``models.base.lm_phase``); ``--init`` starts from a checkpoint.
 Session 4 measured it with a one-off variant of this loop (from the shipped base, lr 1e-3, 2 CPU
 threads; letter look-up in half of the batches, copy 0.3, the two-hop stage-1 "choice" task 0.2):
 47 / 72 / 79 / 89% at 500 / 1000 / 2000 / 3000 steps (chance about 35%), while the two-hop task
@@ -57,15 +58,9 @@ def color_lookup_record(rng: random.Random, fmt: str) -> dict:
 
 def letter_lookup_record(rng: random.Random) -> dict:
     """The second hop of a multiple-choice answer alone: the letter of a named candidate."""
-    from icons.data.mini_llava.pretraining import candidates
-    from icons.data.mini_llava.scenes import COLORS, SHAPES
+    from icons.data.mini_llava.pretraining import letter_lookup_example
 
-    words = list(COLORS) + SHAPES + [str(d) for d in range(10)] + ["yes", "no", "left", "right", "small", "large"]
-    opts = rng.sample(words, rng.randint(2, 4))
-    k = rng.randrange(len(opts))
-    return {"_spec": None, "conversations": [
-        {"from": "human", "value": f"Candidates : {candidates(opts)} . Which letter is {opts[k]} ?"},
-        {"from": "gpt", "value": "ABCD"[k]}]}
+    return {"_spec": None, "conversations": letter_lookup_example(rng)}
 
 
 def two_hop_record(rng: random.Random) -> tuple[dict, int]:
@@ -75,26 +70,6 @@ def two_hop_record(rng: random.Random) -> tuple[dict, int]:
 
     conv = two_hop_example(rng)
     return {"_spec": None, "conversations": conv}, count_candidates(conv[0]["value"])
-
-
-#: --two-hop trains on the composed task beside both of its hops (and copying), so that a failure
-#: of the composition is not a failure of a missing hop.
-TWO_HOP_MIX = {"two_hop": 0.3, "facts": 0.3, "letter": 0.2, "copy": 0.2}
-
-
-def two_hop_stream(seed: int):
-    from icons.data.mini_llava.pretraining import copy_example, facts_example
-
-    rng = random.Random(seed)
-    while True:
-        kind = rng.choices(list(TWO_HOP_MIX), list(TWO_HOP_MIX.values()))[0]
-        if kind == "two_hop":
-            yield two_hop_record(rng)[0]
-        elif kind == "letter":
-            yield letter_lookup_record(rng)
-        else:
-            conv = facts_example(rng) if kind == "facts" else copy_example(rng)
-            yield {"_spec": None, "conversations": conv}
 
 
 def two_hop_held_out(enc, n: int) -> list[tuple[str, object]]:
@@ -126,12 +101,12 @@ def lookup_stream(seed: int, record, copy: float):
 def main(argv=None) -> None:
     from icons.data.encode import Encoder
     from icons.data.mini_llava import tokenizer_corpus
-    from icons.data.mini_llava.pretraining import STREAM_VERSION, TEXT_MIXES, base_stream
+    from icons.data.mini_llava.pretraining import STREAM_VERSION, TEXT_MIXES, base_stream, two_hop_stream
     from icons.data.mini_llava.scenes import render
-    from icons.features.grads import per_example_loss
     from icons.models import tiny_llava
+    from icons.models.base import lm_phase
     from icons.models.probe import context_accuracy, context_items
-    from icons.train import StreamedBatches, lr_factor
+    from icons.train import StreamedBatches
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stream", type=int, default=STREAM_VERSION, choices=sorted(TEXT_MIXES))
@@ -166,7 +141,8 @@ def main(argv=None) -> None:
         tok = tiny_llava.build_tokenizer(tokenizer_corpus())
         model = tiny_llava.build_model(tok, text_hidden=a.hidden, text_layers=a.layers, text_heads=a.heads,
                                        seed=a.seed).to(a.device)
-    enc = Encoder(tok, tiny_llava.n_image_tokens(32, 8), 32, 160)
+    vc = model.config.vision_config
+    enc = Encoder(tok, tiny_llava.n_image_tokens(vc.image_size, vc.patch_size), vc.image_size, 160)
     if a.color_lookup:
         held_out = [("color_lookup", enc.encode(color_lookup_record(random.Random(10_000 + i), a.color_lookup)))
                     for i in range(a.eval_n)]
@@ -181,27 +157,15 @@ def main(argv=None) -> None:
         held_out = context_items(enc, a.eval_n, random.Random(999))
         stream = base_stream(a.seed, 1.0, a.stream)
     batches = StreamedBatches(stream, enc, a.batch_size, a.steps, render)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.steps, 0.02, "cosine"))
     label = {("objective" if k == "loss" else k): v for k, v in vars(a).items()
              if k not in ("out", "save", "device", "eval_n")}
     t0, recent = time.time(), []
-    for step, batch in enumerate(batches, 1):
-        model.train()
-        batch = {k: v.to(a.device) for k, v in batch.items()}
-        if a.loss == "token_mean":
-            loss = model(**batch).loss
-        else:
-            labels = batch.pop("labels")
-            loss = per_example_loss(model(**batch).logits, labels).mean()
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        recent.append(loss.detach())
+
+    def evaluate(step: int, loss: float) -> None:
+        recent.append(loss)
         if step % a.eval_every == 0 or step == a.steps:
             acc = context_accuracy(model, tok, held_out)
-            line = json.dumps({**label, "step": step, "loss": round(float(torch.stack(recent).mean()), 4),
+            line = json.dumps({**label, "step": step, "loss": round(sum(recent) / len(recent), 4),
                                "s": round(time.time() - t0, 1), **acc,
                                "mean": round(sum(acc.values()) / len(acc), 1)})
             recent.clear()
@@ -209,8 +173,10 @@ def main(argv=None) -> None:
             if a.out:
                 with open(a.out, "a") as f:
                     f.write(line + "\n")
+
+    lm_phase(model, batches, a.lr, a.seed, a.device, a.loss, on_step=evaluate)
     if a.save:
-        tiny_llava.save(model.cpu(), tok, a.save)
+        tiny_llava.save(model.cpu(), tok, a.save, vc.image_size, vc.patch_size)
 
 
 if __name__ == "__main__":

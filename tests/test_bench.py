@@ -159,6 +159,40 @@ def test_pretrain_base_continues_from_a_checkpoint(tmp_path):
     assert w1.keys() == w2.keys() and any(not torch.equal(w1[k], w2[k]) for k in w1)
 
 
+def test_phased_base_equals_its_chain_of_continuations(tmp_path):
+    """The shipped base's recipe was run as a chain (lm_lookup.py --two-hop --save, then
+    ``python -m icons.models.base --init``); pretrain_base(phases=...) must give the same weights in
+    one call, and a phases-only continuation must record the whole recipe."""
+    import sys
+
+    from icons.models import tiny_llava
+    from icons.models.base import main as base_main
+    from icons.models.base import pretrain_base
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from lm_lookup import main as lm_lookup_main
+
+    size = dict(batch_size=16, text_hidden=32, text_layers=1, vision_hidden=32)
+    phases = [{"kind": "two_hop", "examples": 32, "lr": 1e-3, "seed": 0},
+              {"kind": "stream", "examples": 32, "lr": 1e-3, "seed": 3, "stream": 7}]
+    one_call = pretrain_base(tmp_path / "one", examples=32, lm_examples=16, phases=phases, **size)
+    phase0 = pretrain_base(tmp_path / "phase0", examples=32, lm_examples=16, **size)
+    lm_lookup_main(["--two-hop", "--init", str(phase0), "--steps", "2", "--batch-size", "16", "--lr", "1e-3",
+                    "--eval-every", "100", "--eval-n", "2", "--device", "cpu", "--save", str(tmp_path / "hop")])
+    chained = pretrain_base(tmp_path / "chained", examples=32, lm_examples=0, batch_size=16, lr=1e-3, seed=3,
+                            stream=7, init=tmp_path / "hop")  # the old CLI form of a stream phase
+    base_main(["--init", str(phase0), "--examples", "0", "--lm-examples", "0", "--batch-size", "16",
+               "--phases", json.dumps(phases), "--out", str(tmp_path / "continued")])
+    weights = [tiny_llava.load(d)[0].state_dict() for d in (one_call, chained, tmp_path / "continued")]
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
+    assert any(not torch.equal(weights[0][k], v) for k, v in tiny_llava.load(phase0)[0].state_dict().items())
+    recipe = lambda d: json.loads((Path(d) / "icons_base.json").read_text())["recipe"]  # noqa: E731
+    assert recipe(tmp_path / "continued") == recipe(one_call)
+    assert [p["kind"] for p in recipe(one_call)["phases"]] == ["two_hop", "stream"]
+    assert "phases" not in recipe(phase0)  # phase-free recipes keep their old form (and cache hash)
+
+
 def test_lm_lookup_two_hop_curve_and_its_items(tmp_path):
     """--two-hop reports the composed task per number of candidates and each hop alone; each
     item's letter names the candidate that the facts answer (worked out here from the text)."""

@@ -250,3 +250,23 @@ def test_paper_experiment_trains_the_projector_at_llava_lr(compose_cfg):
     assert cfg.train.mode == "lora" and cfg.train.projector_lr == 2e-5 and cfg.train.lr == 2e-4
     with pytest.raises(ConfigError, match="train.projector_lr"):
         validate(compose_cfg(["train.projector_lr=0"]))
+
+
+def test_base_phases_are_validated_per_item(compose_cfg):
+    """model.pretrain.phases is a list of PhaseConfig: an error names the phase's index."""
+    from icons.stages import base_recipe
+
+    cfg = compose_cfg()
+    validate(cfg)
+    assert [(p["kind"], p["examples"]) for p in base_recipe(cfg)["phases"]] == [
+        ("two_hop", 640000), ("stream", 192000), ("stream", 192000)]
+    assert "phases" not in base_recipe(compose_cfg(["model.pretrain.phases=[]"]))
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(["model.pretrain.phases.1.lr=-1"]))
+    assert _one_line(info.value) == "config error: model.pretrain.phases.1.lr=-1.0 must be > 0"
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(["model.pretrain.phases.0.kind=text"]))
+    assert _one_line(info.value).startswith("config error: model.pretrain.phases.0.kind=text must be one of")
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(["+model.pretrain.phases.2.step=1"]))
+    assert _one_line(info.value) == "config error: unknown key 'model.pretrain.phases.2.step'"

@@ -124,15 +124,17 @@ def test_shipped_base_matches_the_default_config(compose_cfg):
 
 
 def test_probe_reads_what_the_shipped_base_knows():
-    """The diagnostic probe (teacher-forced) on the shipped base: it sees colours and positions
-    and copies counts from a text context (each measured at 100%); a shifted label or a broken
-    image path would put these near chance."""
+    """The diagnostic probe (teacher-forced) on the shipped base: it sees colours and positions,
+    copies counts from a text context (measured 89-100%) and picks the letter of a looked-up
+    answer among two (75%, chance 50); a shifted label or a broken image path would put these
+    near chance."""
     from icons.models.base import ASSET
     from icons.models.probe import probe
 
     model, tok = tiny_llava.load(ASSET)
     acc = probe(model, tok, n=60)
-    assert acc["caption_color"] >= 90 and acc["caption_position"] >= 90
+    assert acc["caption_color"] >= 80 and acc["caption_position"] >= 90
+    assert acc["choice_2"] >= 65 and acc["lookup_position"] >= 80
     assert acc["context_count"] >= 90 and acc["context_number"] >= 90
     assert set(acc) >= {"caption_shape", "caption_digit", "context_color", "context_exist",
                         "choice_2", "choice_3", "choice_4"}

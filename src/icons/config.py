@@ -364,6 +364,37 @@ class LoraConfig:
         _check_nonempty_str(self, "target_modules")
 
 
+PHASE_KINDS = ("two_hop", "stream")
+
+
+@dataclass
+class PhaseConfig:
+    """One continuation phase of the tiny base, run after the from-scratch pretraining.
+
+    ``two_hop``: text-only two-hop choice (``pretraining.two_hop_stream``), a plain AdamW loop;
+    ``stream``: the mixed stage-1 stream of version ``stream`` (images and text)."""
+
+    kind: str = "stream"
+    examples: int = 192000
+    lr: float = 1e-3
+    seed: int = 0
+    #: kind=stream: the stage-1 stream version
+    stream: int = 7
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "kind", PHASE_KINDS)
+        _positive(self, "examples", "lr")
+        _non_negative(self, "seed", "stream")
+
+
+def shipped_phases() -> list[PhaseConfig]:
+    """The shipped base's continuation (README, Known limit): 20k text-only two-hop steps make the LM
+    compose look-up and letter; 2 x 6000 steps of stream v7 give the images back and carry the
+    choice to captions."""
+    return [PhaseConfig("two_hop", 640000, 1e-3, 0), PhaseConfig("stream", 192000, 1e-3, 7, 7),
+            PhaseConfig("stream", 192000, 1e-3, 8, 7)]
+
+
 @dataclass
 class PretrainConfig:
     """Stage-1 pretraining of the tiny base model (projector + LM on captions/text QA)."""
@@ -379,6 +410,8 @@ class PretrainConfig:
     loss: str = "token_mean"
     #: text-only examples before the mixed stream (a language-model phase, like Vicuna's pretraining)
     lm_examples: int = 96000
+    #: continuation phases after the from-scratch pretraining, in order ([] = none)
+    phases: List[PhaseConfig] = field(default_factory=shipped_phases)
 
     def __post_init__(self) -> None:
         _check_choice(self, "loss", LOSS_CHOICES)
@@ -843,9 +876,11 @@ register_configs()
 
 
 def _dataclass_type(tp: Any) -> type | None:
-    """The dataclass inside ``tp`` (``X`` or ``Optional[X]``), else None."""
+    """The dataclass inside ``tp`` (``X``, ``Optional[X]`` or, for its items, ``List[X]``), else None."""
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return tp
+    if typing.get_origin(tp) is list:
+        return _dataclass_type(typing.get_args(tp)[0])
     if typing.get_origin(tp) is typing.Union:
         for arg in typing.get_args(tp):
             if dataclasses.is_dataclass(arg) and isinstance(arg, type):
@@ -867,6 +902,9 @@ def _unknown_keys(tree: Any, cls: type, prefix: str = "") -> list[str]:
     for key, value in tree.items():
         if key not in known:
             unknown.append(f"{prefix}{key}")
+        elif known[key] is not None and isinstance(value, list):  # a list of dataclasses
+            for i, item in enumerate(value):
+                unknown.extend(_unknown_keys(item, known[key], f"{prefix}{key}.{i}."))  # type: ignore[arg-type]
         elif known[key] is not None:
             unknown.extend(_unknown_keys(value, known[key], f"{prefix}{key}."))  # type: ignore[arg-type]
     return unknown
@@ -902,6 +940,16 @@ def _locate(node: DictConfig, cls: type, prefix: str) -> str:
         if sub is None:
             continue
         child = node._get_node(name)
+        if isinstance(child, ListConfig) and not child._is_none() and not child._is_missing():
+            for i in range(len(child)):
+                item = child._get_node(i)
+                try:
+                    OmegaConf.to_object(item)
+                except FieldError:
+                    return _locate(item, sub, f"{prefix}{name}.{i}.")
+                except Exception:  # noqa: BLE001 - reported from the root
+                    continue
+            continue
         if not isinstance(child, DictConfig) or child._is_none() or child._is_missing():
             continue
         try:

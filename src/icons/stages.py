@@ -198,7 +198,15 @@ def base_recipe(cfg: DictConfig) -> dict:
             "image_size": m.image_size, "patch_size": m.patch_size, "vision_hidden": m.vision_hidden,
             "vision_layers": m.vision_layers, "text_hidden": m.text_hidden, "text_layers": m.text_layers,
             "text_heads": m.text_heads, "max_length": m.max_length, "loss": m.pretrain.loss,
-            "stream": STREAM_VERSION, "lm_examples": m.pretrain.lm_examples}
+            "stream": STREAM_VERSION, "lm_examples": m.pretrain.lm_examples,
+            **phases_entry(m.pretrain.get("phases"))}
+
+
+def phases_entry(phases) -> dict:
+    """The recipe's "phases" key, absent when there are none (phase-free recipes keep their hash)."""
+    from .models.base import phase_dicts
+
+    return {"phases": phase_dicts(phases)} if phases else {}
 
 
 def resolve_base(cfg: DictConfig) -> Path:

@@ -299,6 +299,7 @@ def fit(model, batches: torch.utils.data.IterableDataset, optim: OptimConfig, tr
     trainer.fit(module, loader)
     if gather.full is not None:
         parallel.unshard(module, gather.full)
+    model.zero_grad(set_to_none=True)  # Lightning leaves the last step's gradients on the weights
     model.eval()
     return module
 

@@ -25,6 +25,10 @@ lookup_position 35 -> 63%) and let 6000 existence questions teach POPE (50 -> 67
 Stream version 7 is v6 plus (g) the two-hop choice in the facts form (``two_hop_example``), which a
 4-layer LM composes only after about 12k text-only steps (experiments/lm_lookup.py --two-hop), beside
 the caption-form choice at a larger share (README, Known limit: session 6).
+
+``two_hop_stream`` is the text-only data of the base's ``two_hop`` continuation phase (the
+composed choice beside each of its hops and copying); the shipped base is stream v5 from scratch,
+then that phase, then stream v7 twice (``config.shipped_phases``, ``models.base``).
 """
 from __future__ import annotations
 
@@ -136,6 +140,32 @@ def two_hop_example(rng: random.Random) -> list[dict]:
     rng.shuffle(opts)
     return _text(f"{FACTS_TEMPLATE.format(facts=facts, question=q)} Candidates : {candidates(opts)} . Give the letter .",
                  "ABCD"[opts.index(answer)])
+
+
+LETTER_WORDS = list(COLORS) + SHAPES + [str(d) for d in range(10)] + ["yes", "no", "left", "right", "small", "large"]
+
+
+def letter_lookup_example(rng: random.Random) -> list[dict]:
+    """The second hop of a multiple-choice answer alone: the letter of a named candidate."""
+    opts = rng.sample(LETTER_WORDS, rng.randint(2, 4))
+    k = rng.randrange(len(opts))
+    return _text(f"Candidates : {candidates(opts)} . Which letter is {opts[k]} ?", "ABCD"[k])
+
+
+#: The text-only two-hop phase (``PhaseConfig(kind="two_hop")``): the composed task beside both of
+#: its hops and copying, so that a failure of the composition is not a failure of a missing hop.
+TWO_HOP_MIX = {"two_hop": 0.3, "facts": 0.3, "letter": 0.2, "copy": 0.2}
+_TWO_HOP_KINDS = {"two_hop": two_hop_example, "facts": facts_example, "letter": letter_lookup_example,
+                  "copy": copy_example}
+
+
+def two_hop_stream(seed: int) -> Iterator[dict]:
+    """Text-only records of TWO_HOP_MIX. A 4-layer LM composes the two hops only after about 12k
+    steps (chance until 10k, then 96 / 82 / 71% for 2 / 3 / 4 candidates at 20k: README)."""
+    rng = random.Random(seed)
+    while True:
+        kind = rng.choices(list(TWO_HOP_MIX), list(TWO_HOP_MIX.values()))[0]
+        yield {"_spec": None, "conversations": _TWO_HOP_KINDS[kind](rng)}
 
 
 def text_example(rng: random.Random, version: int = STREAM_VERSION) -> list[dict]:

@@ -940,24 +940,21 @@ def _locate(node: DictConfig, cls: type, prefix: str) -> str:
         if sub is None:
             continue
         child = node._get_node(name)
-        if isinstance(child, ListConfig) and not child._is_none() and not child._is_missing():
-            for i in range(len(child)):
-                item = child._get_node(i)
-                try:
-                    OmegaConf.to_object(item)
-                except FieldError:
-                    return _locate(item, sub, f"{prefix}{name}.{i}.")
-                except Exception:  # noqa: BLE001 - reported from the root
-                    continue
+        if child is None or child._is_none() or child._is_missing():
             continue
-        if not isinstance(child, DictConfig) or child._is_none() or child._is_missing():
+        if isinstance(child, ListConfig):  # a list of dataclasses: each item is a node of its own
+            nodes = [(child._get_node(i), f"{prefix}{name}.{i}.") for i in range(len(child))]
+        elif isinstance(child, DictConfig):
+            nodes = [(child, f"{prefix}{name}.")]
+        else:
             continue
-        try:
-            OmegaConf.to_object(child)
-        except FieldError:
-            return _locate(child, sub, f"{prefix}{name}.")
-        except Exception:  # noqa: BLE001 - reported from the root
-            continue
+        for sub_node, sub_prefix in nodes:
+            try:
+                OmegaConf.to_object(sub_node)
+            except FieldError:
+                return _locate(sub_node, sub, sub_prefix)
+            except Exception:  # noqa: BLE001 - reported from the root
+                continue
     return prefix
 
 

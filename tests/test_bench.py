@@ -193,6 +193,14 @@ def test_phased_base_equals_its_chain_of_continuations(tmp_path):
     assert "phases" not in recipe(phase0)  # phase-free recipes keep their old form (and cache hash)
 
 
+def test_unknown_stream_version_of_a_phase_stops_before_training(tmp_path):
+    from icons.models.base import pretrain_base
+
+    with pytest.raises(ValueError, match="stream version 99"):
+        pretrain_base(tmp_path / "b", examples=10**9, phases=[{"kind": "stream", "stream": 99}])
+    assert not (tmp_path / "b").exists()
+
+
 def test_lm_lookup_two_hop_curve_and_its_items(tmp_path):
     """--two-hop reports the composed task per number of candidates and each hop alone; each
     item's letter names the candidate that the facts answer (worked out here from the text)."""

@@ -84,8 +84,6 @@ def run_phase(model, enc: Encoder, phase: dict, batch_size: int, text_qa_fractio
     if phase["kind"] == "two_hop":
         return lm_phase(model, StreamedBatches(two_hop_stream(phase["seed"]), enc, batch_size, steps, render),
                         phase["lr"], phase["seed"], loss=loss)
-    if phase["stream"] not in TEXT_MIXES:
-        raise ValueError(f"base phase asks for stream version {phase['stream']}; this code generates {sorted(TEXT_MIXES)}")
     batches = StreamedBatches(base_stream(phase["seed"], text_qa_fraction, phase["stream"]), enc, batch_size, steps, render)
     optim = OptimConfig(lr=phase["lr"], warmup_ratio=0.02, scheduler="cosine", weight_decay=0.01, loss=loss)
     return fit(model, batches, optim, trainer_cfg, label=f"stage-1 base, {phase['kind']} v{phase['stream']}").losses
@@ -103,9 +101,10 @@ def pretrain_base(out_dir: str | Path, examples: int = 288_000, batch_size: int 
     are then ignored) under a fresh schedule, instead of starting from random weights; with
     ``examples=lm_examples=0`` phase 0 is skipped and the recipe recorded is the init's recipe
     with ``phases`` appended (so a chain of continuations records the base it builds)."""
-    if stream not in TEXT_MIXES:
-        raise ValueError(f"base recipe asks for stream version {stream}; this code generates {sorted(TEXT_MIXES)}")
     phases = phase_dicts(phases)
+    for version in [stream] + [p["stream"] for p in phases if p["kind"] == "stream"]:  # before hours of training
+        if version not in TEXT_MIXES:
+            raise ValueError(f"base recipe asks for stream version {version}; this code generates {sorted(TEXT_MIXES)}")
     torch.set_flush_denormal(True)
     t0 = time.time()
     if init is not None:

@@ -195,10 +195,15 @@ def test_torchrun_pipeline_matches_one_process(tmp_path):
     _icons(tmp_path, *DDP_CPU, f"run_dir={tmp_path / 'two'}",
            launcher=("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"))
     one, two = tmp_path / "one", tmp_path / "two"
+    # 1e-4, not 1e-5: two processes sum gradients in another order, and Adam turns that float noise
+    # into visible steps where a gradient is near zero (2.6e-5 measured on the smoke pool of
+    # generator v3); a mis-split or mis-scaled batch moves weights by 1e-3 and more.
     for pattern in ("warmup/*/checkpoint-2/lora.safetensors", "warmup/*/checkpoint-2/adam.safetensors",
                     "train/random-*/model/model.safetensors"):
-        _close(_tensors(next(one.glob(pattern))), _tensors(next(two.glob(pattern))))
+        _close(_tensors(next(one.glob(pattern))), _tensors(next(two.glob(pattern))), tol=1e-4)
     scores = [np.load(next(d.glob("features/*/checkpoint-2/pool_scores.npy"))) for d in (one, two)]
-    assert np.abs(scores[0] - scores[1]).max() < 1e-5
+    # scores follow the weights' float noise (6.6e-5 measured, scores up to 0.3); a row of another
+    # example (a shifted index across ranks) would be off by 1e-2 and more
+    assert np.abs(scores[0] - scores[1]).max() < 3e-4
     assert read_json(two / "selection" / "random" / "ids.json") == read_json(one / "selection" / "random" / "ids.json")
     assert read_json(two / "stages.json").keys() == read_json(one / "stages.json").keys()

@@ -98,3 +98,111 @@ def test_task_sizes_and_metric_fields(bench):
     assert {r["subtask"] for r in mme} == {"existence", "count", "position", "color", "ocr"}
     pope = json.loads(bench.task_path("pope", "test").read_text())
     assert Counter(r["answer"] for r in pope) == {"yes": 10, "no": 10}
+
+
+def _verify_truth(spec: dict, question: str) -> str:
+    """Re-derive a verify question's answer from the spec by parsing the question (independent of
+    the generator's own bookkeeping)."""
+    import re
+
+    if spec["kind"] == "sign":
+        if m := re.fullmatch(r"Is the number ([\d ]+) written on the sign \?", question):
+            return "yes" if m.group(1).replace(" ", "") == "".join(map(str, spec["digits"])) else "no"
+        m = re.fullmatch(r"Is the sign (\w+) \?", question)
+        return "yes" if m.group(1) == spec["bg"] else "no"
+    objs = spec["objs"]
+    if m := re.fullmatch(r"Are there (\d) objects in the image \?", question):
+        return "yes" if int(m.group(1)) == len(objs) else "no"
+    if m := re.fullmatch(r"Is the (\w+) (\w+) at the (\w+ \w+) \?", question):
+        o = next(o for o in objs if (o["color"], o["shape"]) == m.group(1, 2))
+        return "yes" if o["cell"] == m.group(3) else "no"
+    if m := re.fullmatch(r"Is the object at the (\w+ \w+) (\w+) \?", question):
+        return "yes" if next(o for o in objs if o["cell"] == m.group(1))["color"] == m.group(2) else "no"
+    m = re.fullmatch(r"Is the (\w+) (\w+) \?", question)
+    return "yes" if next(o for o in objs if o["shape"] == m.group(1))["color"] == m.group(2) else "no"
+
+
+def test_verify_questions_are_true_or_false_as_labelled():
+    import random
+
+    from icons.data.mini_llava.language import q_verify
+    from icons.data.mini_llava.scenes import sample_scene, sample_sign
+
+    rng = random.Random(0)
+    answers, skills = Counter(), Counter()
+    for i in range(600):
+        spec = sample_scene(rng) if i % 3 else sample_sign(rng, "train")
+        qa = q_verify(spec, rng)
+        assert qa.answer == _verify_truth(spec, qa.question), (spec, qa)
+        answers[qa.answer] += 1
+        skills[qa.skill] += 1
+    assert set(skills) == {"verify_number", "verify_sign_color", "verify_count", "verify_position", "verify_color"}
+    assert abs(answers["yes"] - answers["no"]) < 80  # balanced up to sampling noise (600 draws)
+
+
+def _spec_from_caption(text: str) -> dict:
+    """Rebuild the facts a caption states (objects with colour, shape and cell; or a sign)."""
+    import re
+
+    if m := re.fullmatch(r"A (\w+) sign with the number ([\d ]+) in (\w+) \.", text):
+        return {"kind": "sign", "bg": m.group(1), "digits": [int(d) for d in m.group(2).split()]}
+    objs = [{"color": c, "shape": s, "cell": cell}
+            for c, s, cell in re.findall(r"A \w+ (\w+) (\w+) at the (\w+ \w+) \.", text)]
+    return {"kind": "scene", "objs": objs}
+
+
+def test_stream_v8_verify_answers_agree_with_the_context():
+    """Stage-1 stream v8's verify items ask about the scene or sign described in their context;
+    their yes/no must be what the caption states (the caption parsed back, not the generator's spec)."""
+    import random
+
+    from icons.data.mini_llava.pretraining import TEXT_MIXES, text_example
+
+    assert "verify" in TEXT_MIXES[8] and "verify" not in TEXT_MIXES[7]
+    rng, seen = random.Random(3), Counter()
+    while sum(seen.values()) < 150:
+        conv = text_example(rng, 8)
+        q = conv[0]["value"]
+        if not q.startswith("Context : ") or len(conv) != 2 or conv[1]["value"] not in ("yes", "no"):
+            continue
+        context, question = q[len("Context : "):].split(" Question : ")
+        try:
+            truth = _verify_truth(_spec_from_caption(context), question)
+        except (AttributeError, StopIteration):
+            continue  # a yes/no question of another skill (existence, relation)
+        assert conv[1]["value"] == truth, q
+        seen[truth] += 1
+    assert seen["yes"] > 40 and seen["no"] > 40
+
+
+def test_science_multiple_choice_letter_names_the_true_fact():
+    """The pool's ScienceQA-style records: the fact as context, options lettered A-C; the letter
+    answered must name what the pictured object really is (sides, corners, warm/cool)."""
+    import random
+    import re
+
+    from icons.data.mini_llava.families import make_record
+    from icons.data.mini_llava.language import SCIENCE_FACTS
+
+    truth = {"sides": {"circle": "0", "triangle": "3", "square": "4", "cross": "12"},
+             "corners": {"circle": "no", "triangle": "yes", "square": "yes", "cross": "yes"}}
+    rng, n_mc = random.Random(5), 0
+    for _ in range(300):
+        rec = make_record("science", rng)
+        q, letter = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
+        if "Answer with the option's letter" not in q:
+            continue
+        n_mc += 1
+        assert any(fact in q for fact in SCIENCE_FACTS.values())
+        opts = dict(re.findall(r"\b([ABC]) \. (\w+)", q))
+        ref = re.search(r"(?:Does|does|of) the (object at the \w+ \w+|\w+)", q).group(1)
+        objs = rec["_spec"]["objs"]
+        o = next(o for o in objs if (ref == f"object at the {o['cell']}" or ref == o["shape"]))
+        if "sides" in q:
+            want = truth["sides"][o["shape"]]
+        elif "corners" in q:
+            want = truth["corners"][o["shape"]]
+        else:
+            want = "warm" if o["color"] in ("red", "yellow") else "cool"
+        assert opts[letter] == want, q
+    assert n_mc > 100

@@ -21,7 +21,7 @@ from .language import caption, text_only_qa
 from .scenes import render, spec_key
 from .tasks import TASK_NAMES, build_task
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 @dataclass(frozen=True)

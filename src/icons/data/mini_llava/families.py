@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import random
 
-from .language import QA, ask, caption, short_caption, text_only_qa
+from .language import QA, SCIENCE_FACTS, ask, caption, short_caption, text_only_qa
 from .scenes import sample_degraded, sample_scene, sample_sign
 
 SHORT = " Answer the question using a single word or phrase ."
@@ -20,8 +20,8 @@ LETTERS = ["A", "B", "C", "D"]
 
 # Share of each family in the pool (LLaVA-665K counterpart in the comment).
 FAMILY_SHARES = {
-    "vqa": 0.20,        # VQAv2 / OKVQA short answers; half are near-duplicate colour questions
-    "text_only": 0.22,  # ShareGPT text-only chat (about 6% of 665K; more here, as off-target mass)
+    "vqa": 0.12,        # VQAv2 / OKVQA short answers; half are near-duplicate colour questions
+    "text_only": 0.18,  # ShareGPT text-only chat (about 6% of 665K; more here, as off-target mass)
     "conv": 0.12,       # LLaVA-Instruct conversations, 2-3 turns, sentence answers
     "caption": 0.10,    # short captions (TextCaps / brief descriptions)
     "ground": 0.06,     # RefCOCO / VG region descriptions
@@ -29,7 +29,8 @@ FAMILY_SHARES = {
     "gqa": 0.05,        # GQA relational questions
     "ocr": 0.05,        # OCR-VQA: reading signs
     "exist": 0.04,      # VG existence yes/no
-    "mc": 0.04,         # A-OKVQA multiple choice
+    "verify": 0.08,     # VQAv2 / GQA verify questions: a stated colour, place, count or number, yes/no
+    "mc": 0.08,         # A-OKVQA multiple choice
     "degraded": 0.04,   # low-quality images, with 'unanswerable' answers
     "science": 0.03,    # knowledge questions about the pictured object
 }
@@ -69,6 +70,8 @@ def make_record(family: str, rng: random.Random, split: str = "train") -> dict |
             q, a = text_only_qa(rng)
             turns += _turn(q, a, False, k == 0)
         return {"conversations": turns, "_spec": None, "meta": {"family": family}}
+    if family == "verify":
+        spec = sample_scene(rng) if rng.random() < 0.7 else sample_sign(rng, split)
     if family in ("vqa", "conv", "caption", "ground", "detail", "gqa", "exist", "mc", "science"):
         spec = sample_scene(rng, 2 if family == "gqa" else 1)
     if family == "caption":
@@ -118,9 +121,18 @@ def make_record(family: str, rng: random.Random, split: str = "train") -> dict |
         opts = mc_options(qa, rng, rng.choice([2, 3, 4]))
         prompt = mc_prompt(qa.question, opts) + MC_SUFFIX
         turns = _turn(prompt, LETTERS[opts.index(qa.answer)], True, True)
+    elif family == "verify":
+        qa = ask(spec, "verify", rng)
+        suffix = SHORT if rng.random() < 0.5 else " Please answer yes or no ."
+        turns = _turn(qa.question + suffix, qa.answer, True, True)
     elif family == "science":
         qa = ask(spec, "science", rng)
-        turns = _turn(qa.question + SHORT, qa.answer, True, True)
+        if rng.random() < 0.5:
+            turns = _turn(qa.question + SHORT, qa.answer, True, True)
+        else:  # ScienceQA-style: the fact given as context, the answer picked among 2-3 options
+            opts = mc_options(qa, rng, 3 if qa.skill == "sides" else 2)
+            prompt = f"{SCIENCE_FACTS[qa.skill]} {mc_prompt(qa.question, opts)}{MC_SUFFIX}"
+            turns = _turn(prompt, LETTERS[opts.index(qa.answer)], True, True)
     elif family == "degraded":
         base = spec["base"]
         qa = _short(rng, base, ["color", "shape", "count"] if base["kind"] == "scene" else ["number", "sign_color"])

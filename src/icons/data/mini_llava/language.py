@@ -246,6 +246,39 @@ def q_parity(spec, rng):
     return QA("Is the number on the sign even or odd ?", a, ("even", "odd"), f"The number is {a} .", "parity")
 
 
+def q_verify(spec, rng, answer: str | None = None):
+    """VQAv2 / GQA verify questions: a stated colour, place, count or sign number, checked yes/no
+    (half true, half false). Scenes and signs both."""
+    answer = answer or rng.choice(YESNO)
+    yes = answer == "yes"
+    if spec["kind"] == "sign":
+        if rng.random() < 0.7:
+            true = number_text(spec["digits"])
+            n = true if yes else rng.choice([x for x in ALL_NUMBERS if x != true])
+            return QA(f"Is the number {n} written on the sign ?", answer, tuple(YESNO),
+                      f"{answer.capitalize()} , the number on the sign is {true} .", "verify_number")
+        c = spec["bg"] if yes else rng.choice([x for x in COLOR_NAMES if x != spec["bg"]])
+        return QA(f"Is the sign {c} ?", answer, tuple(YESNO), f"{answer.capitalize()} , the sign is {spec['bg']} .",
+                  "verify_sign_color")
+    objs = spec["objs"]
+    kind = rng.choice(["color", "position", "count"])
+    if kind == "count":
+        n = len(objs)
+        k = n if yes else rng.choice([c for c in range(1, 5) if c != n])
+        return QA(f"Are there {k} objects in the image ?", answer, tuple(YESNO),
+                  f"{answer.capitalize()} , there {'is 1 object' if n == 1 else f'are {n} objects'} .", "verify_count")
+    unique = _unique_objs(spec)
+    if kind == "position" and unique:
+        o = rng.choice(unique)
+        cell = o["cell"] if yes else rng.choice([c for c in CELLS if c != o["cell"]])
+        return QA(f"Is the {obj_name(o)} at the {cell} ?", answer, tuple(YESNO),
+                  f"{answer.capitalize()} , the {obj_name(o)} is at the {o['cell']} .", "verify_position")
+    o = rng.choice(objs)
+    c = o["color"] if yes else rng.choice([x for x in COLOR_NAMES if x != o["color"]])
+    ref = f"the {o['shape']}" if [x["shape"] for x in objs].count(o["shape"]) == 1 else f"the object at the {o['cell']}"
+    return QA(f"Is {ref} {c} ?", answer, tuple(YESNO), f"{answer.capitalize()} , {ref} is {o['color']} .", "verify_color")
+
+
 SCENE_SKILLS = {"color": q_color, "shape": q_shape, "count": q_count, "size": q_size, "exist": q_exist,
                 "position": q_position, "relation": q_relation}
 SIGN_SKILLS = {"number": q_number, "sign_color": q_sign_color}
@@ -253,7 +286,8 @@ SIGN_SKILLS = {"number": q_number, "sign_color": q_sign_color}
 
 def ask(spec: dict, skill: str, rng: random.Random) -> QA | None:
     """Apply one skill by name to a (possibly degraded) image spec."""
-    table = {**SCENE_SKILLS, **SIGN_SKILLS, "what_at": q_what_at, "science": q_science, "parity": q_parity}
+    table = {**SCENE_SKILLS, **SIGN_SKILLS, "what_at": q_what_at, "science": q_science, "parity": q_parity,
+             "verify": q_verify}
     return table[skill](spec, rng)
 
 

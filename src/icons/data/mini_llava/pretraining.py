@@ -26,9 +26,14 @@ Stream version 7 is v6 plus (g) the two-hop choice in the facts form (``two_hop_
 4-layer LM composes only after about 12k text-only steps (experiments/lm_lookup.py --two-hop), beside
 the caption-form choice at a larger share (README, Known limit: session 6).
 
+Stream version 8 is v7 plus (h) verify questions about a described scene or sign ("Context : ...
+Question : Is the circle red ?" -> yes/no): checking a stated colour, place, count or number
+against the context, what MME's yes/no pairs ask of the language model (README, Known limit:
+session 9).
+
 ``two_hop_stream`` is the text-only data of the base's ``two_hop`` continuation phase (the
 composed choice beside each of its hops and copying); the shipped base is stream v5 from scratch,
-then that phase, then stream v7 twice (``config.shipped_phases``, ``models.base``).
+then that phase, then stream v7 twice and stream v8 (``config.shipped_phases``, ``models.base``).
 """
 from __future__ import annotations
 
@@ -55,6 +60,10 @@ TEXT_MIXES = {3: {"context_qa": 0.6, "choice": 0.16, "copy": 0.14, "trivia": 0.1
 TEXT_MIXES[6] = TEXT_MIXES[5]  # v6 changes the captions' object order, not the mix
 # v7: v6's captions; the two-hop choice in both forms (facts and captions) beside its first hop
 TEXT_MIXES[7] = {"context_qa": 0.3, "copy": 0.25, "choice": 0.2, "two_hop": 0.15, "facts": 0.1}
+# v8: v7 plus (h) verify questions about a described scene or sign ("Is the circle red ?"): checking
+# a stated attribute against the context, what MME's yes/no pairs ask of the language model
+TEXT_MIXES[8] = {"context_qa": 0.2, "verify": 0.15, "copy": 0.2, "choice": 0.15, "two_hop": 0.15, "facts": 0.1,
+                 "trivia": 0.05}
 #: the first stream version whose captions list a scene's objects in random order
 RANDOM_ORDER_VERSION = 6
 
@@ -183,6 +192,9 @@ def text_example(rng: random.Random, version: int = STREAM_VERSION) -> list[dict
     spec = _scene(rng, version) if rng.random() < 0.75 else sample_sign(rng, "train")
     if kind == "choice":
         return choice_example(rng, spec)
+    if kind == "verify":
+        qa = ask(spec, "verify", rng)
+        return _text(CONTEXT_TEMPLATE.format(caption=caption(spec), question=qa.question), qa.answer)
     turns = []
     for k in range(rng.randint(1, 4)):  # several questions about one described scene
         qa = _any_qa(rng, spec)

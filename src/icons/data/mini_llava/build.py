@@ -21,6 +21,9 @@ from .language import caption, text_only_qa
 from .scenes import render, spec_key
 from .tasks import TASK_NAMES, build_task
 
+#: bump on any change to what the generator writes (families, tasks, images): the cache key is the
+#: spec plus this number, so an unbumped change silently reuses an old cached benchmark.
+#: v3: verify family, multiple choice 8%, science half multiple choice (session 9)
 GENERATOR_VERSION = 3
 
 

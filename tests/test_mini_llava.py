@@ -206,3 +206,30 @@ def test_science_multiple_choice_letter_names_the_true_fact():
             want = "warm" if o["color"] in ("red", "yellow") else "cool"
         assert opts[letter] == want, q
     assert n_mc > 100
+
+
+def test_family_shares_reshape_the_pool_and_key_the_cache(bench, tmp_path):
+    """data.family_shares (pool-composition ablations): only the families given, in their
+    proportions, cached apart from the default pool, which keeps its key."""
+    from dataclasses import replace
+
+    only = build(replace(SMOKE, family_shares=(("mc", 3.0), ("verify", 1.0))), tmp_path)
+    assert only.root != bench.root
+    fams = Counter(json.loads(line)["family"] for line in only.meta_path.read_text().splitlines())
+    assert set(fams) == {"mc", "verify"} and 2.0 < fams["mc"] / fams["verify"] < 4.5
+    assert build(SMOKE, tmp_path).root.name == bench.root.name  # the default's key does not name the field
+
+
+def test_family_shares_config_errors(compose_cfg):
+    from icons.config import ConfigError, validate
+
+    validate(compose_cfg(["data.family_shares={mc:0.6,science:0.4}"]))
+    for overrides, message in [
+        (["data.family_shares={mcq:1}"], "data.family_shares=mcq is not a family"),
+        (["data.family_shares={mc:-1}"], "data.family_shares=mc: -1 must be a number >= 0"),
+        (["data.family_shares={mc:0}"], "must give some family a weight > 0"),
+        (["data=llava_json", "data.path=pool.json", "+data.family_shares={mc:1}"],
+         "applies to data.kind=mini_llava only"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            validate(compose_cfg(overrides))

@@ -513,9 +513,27 @@ class DataConfig:
     #: directory the records' ``image`` paths are relative to
     image_root: Optional[str] = None
     on_bad_record: str = "error"
+    #: mini_llava: family weights replacing the default pool's make-up, e.g. {mc: 0.6, science: 0.4};
+    #: null = the default (families.FAMILY_SHARES). Typed Any: a typed dict node is closed to new
+    #: keys, and OmegaConf cannot merge a dict into a None Dict node; checked below instead.
+    family_shares: Any = None
 
     def __post_init__(self) -> None:
         _check_nonempty_str(self, "name")
+        if self.family_shares is not None:
+            from .data.mini_llava.families import FAMILY_SHARES
+
+            if self.kind != "mini_llava":
+                raise FieldError("family_shares", self.family_shares, "applies to {prefix}kind=mini_llava only")
+            if not isinstance(self.family_shares, dict):
+                raise FieldError("family_shares", self.family_shares, "must be a mapping family -> weight")
+            for fam, w in self.family_shares.items():
+                if fam not in FAMILY_SHARES:
+                    raise FieldError("family_shares", fam, f"is not a family; known: {sorted(FAMILY_SHARES)}")
+                if not isinstance(w, (int, float)) or w < 0:
+                    raise FieldError("family_shares", f"{fam}: {w}", "must be a number >= 0")
+            if not sum(self.family_shares.values()) > 0:
+                raise FieldError("family_shares", dict(self.family_shares), "must give some family a weight > 0")
         _check_choice(self, "kind", DATA_KIND_CHOICES)
         if self.kind == "llava_json" and not self.path:
             raise FieldError("path", self.path, "must be set when {prefix}kind=llava_json")

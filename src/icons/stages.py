@@ -143,7 +143,9 @@ def mini_llava_benchmark(cfg: DictConfig):
     spec = BenchmarkSpec(pool_size=cfg.data.pool_size, n_val=cfg.tasks.n_val, n_test=cfg.tasks.n_test,
                          seed=cfg.data.seed, p_duplicate=cfg.data.p_duplicate,
                          p_label_noise=cfg.data.p_label_noise, p_garbage=cfg.data.p_garbage,
-                         tasks=tuple(cfg.tasks.names))
+                         tasks=tuple(cfg.tasks.names),
+                         family_shares=(tuple(sorted(cfg.data.family_shares.items()))
+                                        if cfg.data.get("family_shares") else None))
     return build(spec, Path(cfg.cache_dir))
 
 

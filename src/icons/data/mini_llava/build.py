@@ -37,6 +37,8 @@ class BenchmarkSpec:
     p_label_noise: float = 0.10
     p_garbage: float = 0.03
     tasks: tuple[str, ...] = tuple(TASK_NAMES)
+    #: (family, weight) pairs replacing families.FAMILY_SHARES (pool-composition ablations); None = default
+    family_shares: tuple[tuple[str, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ def _materialise(records: list[dict], root: Path, written: set[str]) -> list[dic
 def build(spec: BenchmarkSpec, cache_dir: str | Path) -> Benchmark:
     """Generate the benchmark into the cache (once); return where it is."""
     settings = {**asdict(spec), "version": GENERATOR_VERSION}
+    if spec.family_shares is None:  # the default pool keeps the cache key it had before the field
+        del settings["family_shares"]
     root = Path(cache_dir) / "mini_llava" / config_hash(settings)
     bench = Benchmark(root)
     if (root / "manifest.json").exists():
@@ -101,7 +105,8 @@ def build(spec: BenchmarkSpec, cache_dir: str | Path) -> Benchmark:
     for task in spec.tasks:
         for split, n in (("val", spec.n_val), ("test", spec.n_test)):
             splits[task, split] = build_task(task, n, split, spec.seed, used)
-    pool = build_pool(spec.pool_size, spec.seed, spec.p_duplicate, spec.p_label_noise, spec.p_garbage, used)
+    pool = build_pool(spec.pool_size, spec.seed, spec.p_duplicate, spec.p_label_noise, spec.p_garbage, used,
+                      dict(spec.family_shares) if spec.family_shares is not None else None)
     meta = [{"id": r["id"], **r.pop("meta")} for r in pool]
     written: set[str] = set()
     pool = _materialise(pool, root, written)

@@ -148,17 +148,19 @@ def make_record(family: str, rng: random.Random, split: str = "train") -> dict |
 
 
 def build_pool(n: int, seed: int, p_duplicate: float, p_label_noise: float, p_garbage: float,
-               forbidden: set[str] | None = None) -> list[dict]:
+               forbidden: set[str] | None = None, shares: dict[str, float] | None = None) -> list[dict]:
     """``n`` pool records (ids ``pool-000000``...), deterministic in ``seed``.
 
     ``forbidden`` holds spec keys of validation/test images: a pool image never equals one.
+    ``shares``: family weights replacing FAMILY_SHARES (families left out get none).
     """
     from .scenes import spec_key
 
     rng = random.Random(seed)
     forbidden = forbidden or set()
-    families = list(FAMILY_SHARES)
-    weights = [FAMILY_SHARES[f] for f in families]
+    shares = FAMILY_SHARES if shares is None else shares
+    families = [f for f in shares if shares[f] > 0]
+    weights = [shares[f] for f in families]
     n_dup = int(round(n * p_duplicate))
     records: list[dict] = []
     while len(records) < n - n_dup:

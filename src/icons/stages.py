@@ -194,6 +194,8 @@ def load_val(run: Run) -> list[dict]:
 
 # ---------------------------------------------------------------- base model
 def base_recipe(cfg: DictConfig) -> dict:
+    from .models.base import phases_entry
+
     m = cfg.model
     return {"examples": m.pretrain.examples, "batch_size": m.pretrain.batch_size, "lr": m.pretrain.lr,
             "seed": m.pretrain.seed, "text_qa_fraction": m.pretrain.text_qa_fraction,
@@ -202,13 +204,6 @@ def base_recipe(cfg: DictConfig) -> dict:
             "text_heads": m.text_heads, "max_length": m.max_length, "loss": m.pretrain.loss,
             "stream": STREAM_VERSION, "lm_examples": m.pretrain.lm_examples,
             **phases_entry(m.pretrain.get("phases"))}
-
-
-def phases_entry(phases) -> dict:
-    """The recipe's "phases" key, absent when there are none (phase-free recipes keep their hash)."""
-    from .models.base import phase_dicts
-
-    return {"phases": phase_dicts(phases)} if phases else {}
 
 
 def resolve_base(cfg: DictConfig) -> Path:

@@ -77,6 +77,12 @@ def phase_dicts(phases) -> list[dict]:
     return out
 
 
+def phases_entry(phases) -> dict:
+    """The recipe's "phases" key, absent when there are none: recipes (and cache hashes) of
+    phase-free bases stay as they were. One rule for the recorded recipe and the config's."""
+    return {"phases": phase_dicts(phases)} if phases else {}
+
+
 def run_phase(model, enc: Encoder, phase: dict, batch_size: int, text_qa_fraction: float, loss: str,
               trainer_cfg=None) -> list[float]:
     """One continuation phase, in place; the same training as running it from a saved checkpoint."""
@@ -137,8 +143,7 @@ def pretrain_base(out_dir: str | Path, examples: int = 288_000, batch_size: int 
     else:
         if init:
             recipe["init"] = str(init)
-        if phases:  # no key when empty: recipes (and cache hashes) of phase-free bases stay as they were
-            recipe["phases"] = phases
+        recipe.update(phases_entry(phases))
     out = Path(out_dir)
     tiny_llava.save(model, tokenizer, out, image_size, patch_size)
     k = max(1, len(losses) // 20)

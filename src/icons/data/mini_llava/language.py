@@ -76,15 +76,18 @@ def short_caption(spec: dict) -> str:
 
 
 # ---------------------------------------------------------------- scene skills
+def color_ref(o: dict, objs: list[dict]) -> str:
+    """How a colour question names ``o``: by its shape when no other object has it, else by place."""
+    if [x["shape"] for x in objs].count(o["shape"]) == 1:
+        return f"the {o['shape']}"
+    return f"the object at the {o['cell']}"
+
+
 def q_color(spec, rng):
     objs = spec["objs"]
     o = rng.choice(objs)
-    shapes = [x["shape"] for x in objs]
-    if shapes.count(o["shape"]) == 1:
-        q, ref = f"What color is the {o['shape']} ?", f"The {o['shape']}"
-    else:
-        q, ref = f"What color is the object at the {o['cell']} ?", f"The object at the {o['cell']}"
-    return QA(q, o["color"], tuple(COLOR_NAMES), f"{ref} is {o['color']} .", "color")
+    ref = color_ref(o, objs)
+    return QA(f"What color is {ref} ?", o["color"], tuple(COLOR_NAMES), f"{ref.capitalize()} is {o['color']} .", "color")
 
 
 def q_shape(spec, rng):
@@ -275,7 +278,7 @@ def q_verify(spec, rng, answer: str | None = None):
                   f"{answer.capitalize()} , the {obj_name(o)} is at the {o['cell']} .", "verify_position")
     o = rng.choice(objs)
     c = o["color"] if yes else rng.choice([x for x in COLOR_NAMES if x != o["color"]])
-    ref = f"the {o['shape']}" if [x["shape"] for x in objs].count(o["shape"]) == 1 else f"the object at the {o['cell']}"
+    ref = color_ref(o, objs)
     return QA(f"Is {ref} {c} ?", answer, tuple(YESNO), f"{answer.capitalize()} , {ref} is {o['color']} .", "verify_color")
 
 

@@ -208,6 +208,68 @@ def test_science_multiple_choice_letter_names_the_true_fact():
     assert n_mc > 100
 
 
+def _mc_options(prompt: str) -> list[str]:
+    """The options of a stream-v9 multiple-choice prompt, parsed back from whichever format it uses."""
+    import re
+
+    if "Candidates : " in prompt:
+        body = prompt.split("Candidates : ")[1].removesuffix(" . Give the letter .")
+        return [part.split(" = ", 1)[1] for part in body.split(" ; ")]
+    if "( A ) " in prompt:
+        body = prompt[prompt.index("( A ) "):].removesuffix(" Which option is right ?")
+        return [part.strip() for part in re.split(r"\( [ABCD] \) ", body)[1:]]
+    head = "Options : " if "Options : " in prompt else "Choices : "
+    body = prompt.split(head)[1].removesuffix(" Answer with the letter .").removesuffix(" Reply with the letter .")
+    return [part.strip() for part in re.split(r"(?:^| )[ABCD] \. ", body)[1:]]
+
+
+def test_stream_v9_multiple_choice_letters_name_the_true_answer():
+    """Stream v9's generic multiple choice: the letter answered names the true answer, recomputed
+    from the facts, the science trivia or the sign described (not from the generator); all four
+    formats and all contents occur; no target task's instruction sentence is used (stage-1 stays
+    off the target formats)."""
+    import random
+    import re
+
+    from icons.data.mini_llava.families import MC_SUFFIX
+    from icons.data.mini_llava.pretraining import TEXT_MIXES, mc_example, text_example
+    from icons.data.mini_llava.tasks import MC_CN, MC_EN
+
+    assert "mc" in TEXT_MIXES[9] and "mc" not in TEXT_MIXES[8]
+    sides = {"circle": "0", "triangle": "3", "square": "4", "cross": "12"}
+    corners = {"circle": "no", "triangle": "yes", "square": "yes", "cross": "yes"}
+    rng, checked, formats = random.Random(11), Counter(), Counter()
+    for _ in range(800):
+        q, letter = (t["value"] for t in mc_example(rng))
+        assert MC_EN.strip() not in q and MC_CN.strip() not in q and MC_SUFFIX.strip() not in q
+        opts = _mc_options(q)
+        assert 2 <= len(opts) <= 4 and len(set(opts)) == len(opts), q
+        chosen = opts["ABCD".index(letter)]
+        formats[next(f for f in ("Candidates", "( A )", "Options", "Choices") if f in q)] += 1
+        if m := re.search(r"Facts : (.*) Question : What (color|shape) is the (\w+)(?: object)? \?", q):
+            facts = re.findall(r"(\w+) (\w+) \.", m.group(1))
+            want = next(c if m.group(2) == "color" else s for c, s in facts if m.group(3) in (s, c))
+            checked["facts"] += 1
+        elif m := re.search(r"How many sides does the (\w+) have \?", q):
+            want, _ = sides[m.group(1)], checked.update(["sides"])
+        elif m := re.search(r"Does the (\w+) have corners \?", q):
+            want, _ = corners[m.group(1)], checked.update(["corners"])
+        elif m := re.search(r"Is the color (\w+) warm or cool \?", q):
+            want, _ = ("warm" if m.group(1) in ("red", "yellow") else "cool"), checked.update(["warm"])
+        elif (m := re.search(r"Context : (A \w+ sign .*?) Question : What (?:number is written on the sign|is the "
+                             r"number on the sign) \?", q)):
+            want, _ = " ".join(map(str, _spec_from_caption(m.group(1))["digits"])), checked.update(["sign"])
+        else:
+            continue
+        assert chosen == want, q
+    assert min(checked.values()) > 15 and len(checked) == 5, checked
+    assert len(formats) == 4 and min(formats.values()) > 120, formats
+    # stream v9 draws it: the "( A )" format is mc_example's alone, a quarter of its items
+    rng = random.Random(2)
+    share = sum("Which option is right ?" in text_example(rng, 9)[0]["value"] for _ in range(2000)) / 2000
+    assert abs(share - TEXT_MIXES[9]["mc"] / 4) < 0.03
+
+
 def test_family_shares_reshape_the_pool_and_key_the_cache(bench, tmp_path):
     """data.family_shares (pool-composition ablations): only the families given, in their
     proportions, cached apart from the default pool, which keeps its key."""

@@ -26,6 +26,14 @@ Stream version 7 is v6 plus (g) the two-hop choice in the facts form (``two_hop_
 4-layer LM composes only after about 12k text-only steps (experiments/lm_lookup.py --two-hop), beside
 the caption-form choice at a larger share (README, Known limit: session 6).
 
+Stream version 9 is v8 plus (i) multiple choice in several generic letter formats ("Options : A . 4
+B . 3 Answer with the letter .", "( A ) red ( B ) blue Which option is right ?", ...) over three
+contents: the facts form, science trivia (sides, corners, warm/cool, with or without the facts as
+context) and described scenes and signs (``mc_example``). The base's choice was bound to stage-1's own
+"Candidates : A = red" format: it answered ScienceQA-style text questions at chance (28.7% with 3
+options) in either format. Lettered options are what any pretrained LLM has seen; no target task's
+instruction sentence and no image ever comes with a choice in stage-1.
+
 Stream version 8 is v7 plus (h) verify questions about a described scene or sign ("Context : ...
 Question : Is the circle red ?" -> yes/no): checking a stated colour, place, count or number
 against the context, what MME's yes/no pairs ask of the language model (README, Known limit:
@@ -33,14 +41,14 @@ session 9).
 
 ``two_hop_stream`` is the text-only data of the base's ``two_hop`` continuation phase (the
 composed choice beside each of its hops and copying); the shipped base is stream v5 from scratch,
-then that phase, then stream v7 twice and stream v8 (``config.shipped_phases``, ``models.base``).
+then that phase, then stream v7 twice, stream v8 and stream v9 (``config.shipped_phases``, ``models.base``).
 """
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
 
-from .language import ask, caption, skills_for, text_only_qa
+from .language import CORNERS, COOL, SCIENCE_FACTS, SIDES, WARM, ask, caption, skills_for, text_only_qa
 from .scenes import COLORS, SHAPES, sample_degraded, sample_scene, sample_sign
 
 #: bump when the stream changes: the base recipe (and so the cached base's key) includes it.
@@ -64,6 +72,9 @@ TEXT_MIXES[7] = {"context_qa": 0.3, "copy": 0.25, "choice": 0.2, "two_hop": 0.15
 # a stated attribute against the context, what MME's yes/no pairs ask of the language model
 TEXT_MIXES[8] = {"context_qa": 0.2, "verify": 0.15, "copy": 0.2, "choice": 0.15, "two_hop": 0.15, "facts": 0.1,
                  "trivia": 0.05}
+# v9: v8 plus (i) multiple choice in generic letter formats over facts, science trivia and scenes
+TEXT_MIXES[9] = {"context_qa": 0.15, "verify": 0.15, "copy": 0.15, "choice": 0.05, "two_hop": 0.05, "facts": 0.05,
+                 "trivia": 0.05, "mc": 0.35}
 #: the first stream version whose captions list a scene's objects in random order
 RANDOM_ORDER_VERSION = 6
 
@@ -161,6 +172,56 @@ def letter_lookup_example(rng: random.Random) -> list[dict]:
     return _text(f"Candidates : {candidates(opts)} . Which letter is {opts[k]} ?", "ABCD"[k])
 
 
+#: Generic lettered-option formats of stream v9's multiple choice (none is a target task's prompt).
+MC_FORMATS = (
+    lambda opts: "Candidates : " + " ; ".join(f"{'ABCD'[i]} = {o}" for i, o in enumerate(opts)) + " . Give the letter .",
+    lambda opts: "Options : " + " ".join(f"{'ABCD'[i]} . {o}" for i, o in enumerate(opts)) + " Answer with the letter .",
+    lambda opts: " ".join(f"( {'ABCD'[i]} ) {o}" for i, o in enumerate(opts)) + " Which option is right ?",
+    lambda opts: "Choices : " + " ".join(f"{'ABCD'[i]} . {o}" for i, o in enumerate(opts)) + " Reply with the letter .",
+)
+
+
+def _facts_content(rng: random.Random) -> tuple[str, str, str, list[str]]:
+    n = rng.randint(2, 4)
+    shapes, colors = rng.sample(SHAPES, n), rng.sample(list(COLORS), n)
+    context = "Facts : " + " ".join(f"{c} {s} ." for c, s in zip(colors, shapes))
+    k = rng.randrange(n)
+    if rng.random() < 0.5:
+        return context, f"What color is the {shapes[k]} ?", colors[k], list(COLORS)
+    return context, f"What shape is the {colors[k]} object ?", shapes[k], SHAPES
+
+
+def _science_content(rng: random.Random) -> tuple[str, str, str, list[str]]:
+    kind = rng.choice(["sides", "corners", "warm"])
+    context = f"Context : {SCIENCE_FACTS[kind]}" if rng.random() < 0.7 else ""
+    if kind == "sides":
+        s = rng.choice(SHAPES)
+        return context, f"How many sides does the {s} have ?", SIDES[s], sorted(set(SIDES.values()))
+    if kind == "corners":
+        s = rng.choice(SHAPES)
+        return context, f"Does the {s} have corners ?", CORNERS[s], ["yes", "no"]
+    c = rng.choice(sorted(WARM | COOL))
+    return context, f"Is the color {c} warm or cool ?", "warm" if c in WARM else "cool", ["warm", "cool"]
+
+
+def _scene_content(rng: random.Random) -> tuple[str, str, str, list[str]]:
+    spec = _scene(rng, 9) if rng.random() < 0.75 else sample_sign(rng, "train")
+    qa = _any_qa(rng, spec)
+    return f"Context : {caption(spec)}", qa.question, qa.answer, list(qa.candidates)
+
+
+def mc_example(rng: random.Random) -> list[dict]:
+    """Stream v9's multiple choice: a question about facts, science trivia or a described scene or sign,
+    its answer among 2-4 lettered options in one of MC_FORMATS, answered by the letter."""
+    content = rng.choice([_facts_content, _science_content, _science_content, _scene_content])
+    context, question, answer, pool = content(rng)
+    others = [w for w in pool if w != answer]
+    opts = rng.sample(others, min(len(others), rng.randint(1, 3))) + [answer]
+    rng.shuffle(opts)
+    prompt = f"{context} Question : {question} {rng.choice(MC_FORMATS)(opts)}".strip()
+    return _text(prompt, "ABCD"[opts.index(answer)])
+
+
 #: The text-only two-hop phase (``PhaseConfig(kind="two_hop")``): the composed task beside both of
 #: its hops and copying, so that a failure of the composition is not a failure of a missing hop.
 TWO_HOP_MIX = {"two_hop": 0.3, "facts": 0.3, "letter": 0.2, "copy": 0.2}
@@ -187,6 +248,8 @@ def text_example(rng: random.Random, version: int = STREAM_VERSION) -> list[dict
         return two_hop_example(rng)
     if kind == "trivia":
         return _text(*text_only_qa(rng))
+    if kind == "mc":
+        return mc_example(rng)
     if kind == "copy":
         return copy_example(rng)
     spec = _scene(rng, version) if rng.random() < 0.75 else sample_sign(rng, "train")

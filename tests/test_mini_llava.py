@@ -302,3 +302,26 @@ def test_family_shares_config_errors(compose_cfg):
     ]:
         with pytest.raises(ConfigError, match=message):
             validate(compose_cfg(overrides))
+
+
+def test_stream_v10_puts_the_described_image_in_front_of_text_questions():
+    """Stream v10: about half of the text questions about a described scene or sign come with that
+    scene's own image in front (the caption in the context is the image's caption); facts, trivia and
+    copying stay text-only."""
+    import random
+    import re
+
+    from icons.data.mini_llava.language import caption
+    from icons.data.mini_llava.pretraining import base_example
+
+    rng, with_image, described_text_only = random.Random(4), 0, 0
+    for _ in range(3000):
+        rec = base_example(rng, 1.0, 10)
+        first = rec["conversations"][0]["value"]
+        if rec["_spec"] is None:
+            assert not first.startswith("<image>")
+            described_text_only += bool(re.match(r"Context : (There|A \w+ sign )", first))
+            continue
+        assert first.startswith("<image>\nContext : " + caption(rec["_spec"]) + " "), first
+        with_image += 1
+    assert with_image > 300 and 0.6 < with_image / described_text_only < 1.6

@@ -39,7 +39,8 @@ given that scene's own image in front ("<image>\nContext : <its caption> Questio
 is still in the text). Any image before a question derailed the v9 base's text skills (sqa's
 single-object sides items: 100% right without an image, 41% with its own image); after 4000 steps
 of v10 they are 71% with the image, and full data reaches MMBench single pass 37% (v9: 26-30%).
-Not shipped yet (README, Known limit: session 10).
+It relaxes v9's rule that no image comes with a question: the answer is always in the text, never
+only in the image. Not shipped yet (README, Known limit: session 10).
 
 Stream version 8 is v7 plus (h) verify questions about a described scene or sign ("Context : ...
 Question : Is the circle red ?" -> yes/no): checking a stated colour, place, count or number

@@ -175,6 +175,11 @@ def test_stream_v8_verify_answers_agree_with_the_context():
     assert seen["yes"] > 40 and seen["no"] > 40
 
 
+# science facts written out here, not imported: the tests check the generator against them
+SIDES = {"circle": "0", "triangle": "3", "square": "4", "cross": "12"}
+CORNERS = {"circle": "no", "triangle": "yes", "square": "yes", "cross": "yes"}
+
+
 def test_science_multiple_choice_letter_names_the_true_fact():
     """The pool's ScienceQA-style records: the fact as context, options lettered A-C; the letter
     answered must name what the pictured object really is (sides, corners, warm/cool)."""
@@ -184,8 +189,6 @@ def test_science_multiple_choice_letter_names_the_true_fact():
     from icons.data.mini_llava.families import make_record
     from icons.data.mini_llava.language import SCIENCE_FACTS
 
-    truth = {"sides": {"circle": "0", "triangle": "3", "square": "4", "cross": "12"},
-             "corners": {"circle": "no", "triangle": "yes", "square": "yes", "cross": "yes"}}
     rng, n_mc = random.Random(5), 0
     for _ in range(300):
         rec = make_record("science", rng)
@@ -199,9 +202,9 @@ def test_science_multiple_choice_letter_names_the_true_fact():
         objs = rec["_spec"]["objs"]
         o = next(o for o in objs if (ref == f"object at the {o['cell']}" or ref == o["shape"]))
         if "sides" in q:
-            want = truth["sides"][o["shape"]]
+            want = SIDES[o["shape"]]
         elif "corners" in q:
-            want = truth["corners"][o["shape"]]
+            want = CORNERS[o["shape"]]
         else:
             want = "warm" if o["color"] in ("red", "yellow") else "cool"
         assert opts[letter] == want, q
@@ -236,8 +239,6 @@ def test_stream_v9_multiple_choice_letters_name_the_true_answer():
     from icons.data.mini_llava.tasks import MC_CN, MC_EN
 
     assert "mc" in TEXT_MIXES[9] and "mc" not in TEXT_MIXES[8]
-    sides = {"circle": "0", "triangle": "3", "square": "4", "cross": "12"}
-    corners = {"circle": "no", "triangle": "yes", "square": "yes", "cross": "yes"}
     rng, checked, formats = random.Random(11), Counter(), Counter()
     for _ in range(800):
         q, letter = (t["value"] for t in mc_example(rng))
@@ -250,9 +251,9 @@ def test_stream_v9_multiple_choice_letters_name_the_true_answer():
             kind, facts = "facts", re.findall(r"(\w+) (\w+) \.", m.group(1))
             want = next(c if m.group(2) == "color" else s for c, s in facts if m.group(3) in (s, c))
         elif m := re.search(r"How many sides does the (\w+) have \?", q):
-            kind, want = "sides", sides[m.group(1)]
+            kind, want = "sides", SIDES[m.group(1)]
         elif m := re.search(r"Does the (\w+) have corners \?", q):
-            kind, want = "corners", corners[m.group(1)]
+            kind, want = "corners", CORNERS[m.group(1)]
         elif m := re.search(r"Is the color (\w+) warm or cool \?", q):
             kind, want = "warm", "warm" if m.group(1) in ("red", "yellow") else "cool"
         elif m := re.search(r"Context : (A \w+ sign .*?) Question : What (?:number is written on the sign|is the "

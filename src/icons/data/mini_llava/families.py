@@ -49,9 +49,13 @@ def _short(rng, spec, skills) -> QA | None:
     return None
 
 
+def dotted_options(options: list[str]) -> str:
+    """Lettered options as "A . red B . blue": the pool's, the target tasks' and stage-1's generic form."""
+    return " ".join(f"{LETTERS[i]} . {o}" for i, o in enumerate(options))
+
+
 def mc_prompt(stem: str, options: list[str]) -> str:
-    opts = " ".join(f"{LETTERS[i]} . {o}" for i, o in enumerate(options))
-    return f"{stem} {opts}"
+    return f"{stem} {dotted_options(options)}"
 
 
 def mc_options(qa: QA, rng: random.Random, n: int) -> list[str]:

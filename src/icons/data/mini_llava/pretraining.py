@@ -56,6 +56,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+from .families import dotted_options
 from .language import CORNERS, COOL, SCIENCE_FACTS, SIDES, WARM, ask, caption, skills_for, text_only_qa
 from .scenes import COLORS, SHAPES, sample_degraded, sample_scene, sample_sign
 
@@ -98,6 +99,11 @@ def _scene(rng: random.Random, version: int) -> dict:
     return spec
 
 
+def _described(rng: random.Random, version: int) -> dict:
+    """The scene (3 in 4) or sign a text-only question's context describes."""
+    return _scene(rng, version) if rng.random() < 0.75 else sample_sign(rng, "train")
+
+
 def _image_spec(rng: random.Random, version: int) -> dict:
     u = rng.random()
     if u < 0.55:
@@ -134,13 +140,39 @@ def count_candidates(prompt: str) -> int:
     return prompt.count(" = ")
 
 
+#: Generic lettered-option formats of stream v9's multiple choice (none is a target task's prompt).
+MC_FORMATS = (
+    lambda opts: f"Candidates : {candidates(opts)} . Give the letter .",  # stage-1's own (choice, two-hop)
+    lambda opts: f"Options : {dotted_options(opts)} Answer with the letter .",
+    lambda opts: " ".join(f"( {'ABCD'[i]} ) {o}" for i, o in enumerate(opts)) + " Which option is right ?",
+    lambda opts: f"Choices : {dotted_options(opts)} Reply with the letter .",
+)
+
+
+def _lettered(rng: random.Random, answer: str, pool) -> list[str]:
+    """The answer among 1-3 other words of ``pool``, shuffled: the options of every stage-1 choice."""
+    others = [w for w in pool if w != answer]
+    opts = rng.sample(others, min(len(others), rng.randint(1, 3))) + [answer]
+    rng.shuffle(opts)
+    return opts
+
+
+def _facts_content(rng: random.Random) -> tuple[str, str, str, list[str], None]:
+    """(context, question, answer, word pool, no image): one of 2-4 stated facts asked about."""
+    n = rng.randint(2, 4)
+    shapes, colors = rng.sample(SHAPES, n), rng.sample(list(COLORS), n)
+    context = "Facts : " + " ".join(f"{c} {s} ." for c, s in zip(colors, shapes))
+    k = rng.randrange(n)
+    if rng.random() < 0.5:
+        return context, f"What color is the {shapes[k]} ?", colors[k], list(COLORS), None
+    return context, f"What shape is the {colors[k]} object ?", shapes[k], SHAPES, None
+
+
 def choice_example(rng: random.Random, spec: dict) -> list[dict]:
     """Two look-ups composed: the answer in the described scene, then its letter among 2-4
     candidates (what MMBench and SQA ask of the language model, in stage-1's own format)."""
     qa = _any_qa(rng, spec)
-    others = [c for c in qa.candidates if c != qa.answer]
-    opts = rng.sample(others, min(len(others), rng.randint(1, 3))) + [qa.answer]
-    rng.shuffle(opts)
+    opts = _lettered(rng, qa.answer, qa.candidates)
     return _text(CHOICE_TEMPLATE.format(caption=caption(spec), question=qa.question, candidates=candidates(opts)),
                  "ABCD"[opts.index(qa.answer)])
 
@@ -160,18 +192,9 @@ def two_hop_example(rng: random.Random) -> list[dict]:
     """Both hops of a multiple-choice answer in the simplest text form: the answer among 2-4 facts,
     then its letter among 2-4 candidates in stage-1's format ("Facts : red square . blue circle .
     Question : What color is the circle ? Candidates : A = blue ; B = red . Give the letter .")."""
-    n = rng.randint(2, 4)
-    shapes, colors = rng.sample(SHAPES, n), rng.sample(list(COLORS), n)
-    facts = " ".join(f"{c} {s} ." for c, s in zip(colors, shapes))
-    k = rng.randrange(n)
-    if rng.random() < 0.5:
-        q, answer, pool = f"What color is the {shapes[k]} ?", colors[k], list(COLORS)
-    else:
-        q, answer, pool = f"What shape is the {colors[k]} object ?", shapes[k], SHAPES
-    opts = rng.sample([w for w in pool if w != answer], rng.randint(1, 3)) + [answer]
-    rng.shuffle(opts)
-    return _text(f"{FACTS_TEMPLATE.format(facts=facts, question=q)} Candidates : {candidates(opts)} . Give the letter .",
-                 "ABCD"[opts.index(answer)])
+    context, question, answer, pool, _ = _facts_content(rng)
+    opts = _lettered(rng, answer, pool)
+    return _text(f"{context} Question : {question} {MC_FORMATS[0](opts)}", "ABCD"[opts.index(answer)])
 
 
 LETTER_WORDS = list(COLORS) + SHAPES + [str(d) for d in range(10)] + ["yes", "no", "left", "right", "small", "large"]
@@ -182,25 +205,6 @@ def letter_lookup_example(rng: random.Random) -> list[dict]:
     opts = rng.sample(LETTER_WORDS, rng.randint(2, 4))
     k = rng.randrange(len(opts))
     return _text(f"Candidates : {candidates(opts)} . Which letter is {opts[k]} ?", "ABCD"[k])
-
-
-#: Generic lettered-option formats of stream v9's multiple choice (none is a target task's prompt).
-MC_FORMATS = (
-    lambda opts: "Candidates : " + " ; ".join(f"{'ABCD'[i]} = {o}" for i, o in enumerate(opts)) + " . Give the letter .",
-    lambda opts: "Options : " + " ".join(f"{'ABCD'[i]} . {o}" for i, o in enumerate(opts)) + " Answer with the letter .",
-    lambda opts: " ".join(f"( {'ABCD'[i]} ) {o}" for i, o in enumerate(opts)) + " Which option is right ?",
-    lambda opts: "Choices : " + " ".join(f"{'ABCD'[i]} . {o}" for i, o in enumerate(opts)) + " Reply with the letter .",
-)
-
-
-def _facts_content(rng: random.Random) -> tuple[str, str, str, list[str], None]:
-    n = rng.randint(2, 4)
-    shapes, colors = rng.sample(SHAPES, n), rng.sample(list(COLORS), n)
-    context = "Facts : " + " ".join(f"{c} {s} ." for c, s in zip(colors, shapes))
-    k = rng.randrange(n)
-    if rng.random() < 0.5:
-        return context, f"What color is the {shapes[k]} ?", colors[k], list(COLORS), None
-    return context, f"What shape is the {colors[k]} object ?", shapes[k], SHAPES, None
 
 
 def _science_content(rng: random.Random) -> tuple[str, str, str, list[str], None]:
@@ -217,7 +221,7 @@ def _science_content(rng: random.Random) -> tuple[str, str, str, list[str], None
 
 
 def _scene_content(rng: random.Random) -> tuple[str, str, str, list[str], dict]:
-    spec = _scene(rng, 9) if rng.random() < 0.75 else sample_sign(rng, "train")
+    spec = _described(rng, 9)
     qa = _any_qa(rng, spec)
     return f"Context : {caption(spec)}", qa.question, qa.answer, list(qa.candidates), spec
 
@@ -231,9 +235,7 @@ def mc_example(rng: random.Random) -> list[dict]:
 def _mc_and_spec(rng: random.Random) -> tuple[list[dict], dict | None]:
     content = rng.choice([_facts_content, _science_content, _science_content, _scene_content])
     context, question, answer, pool, spec = content(rng)
-    others = [w for w in pool if w != answer]
-    opts = rng.sample(others, min(len(others), rng.randint(1, 3))) + [answer]
-    rng.shuffle(opts)
+    opts = _lettered(rng, answer, pool)
     prompt = f"{context} Question : {question} {rng.choice(MC_FORMATS)(opts)}".strip()
     return _text(prompt, "ABCD"[opts.index(answer)]), spec
 
@@ -273,7 +275,7 @@ def _text_and_spec(rng: random.Random, version: int) -> tuple[list[dict], dict |
         return _mc_and_spec(rng)
     if kind == "copy":
         return copy_example(rng), None
-    spec = _scene(rng, version) if rng.random() < 0.75 else sample_sign(rng, "train")
+    spec = _described(rng, version)
     if kind == "choice":
         return choice_example(rng, spec), spec
     if kind == "verify":

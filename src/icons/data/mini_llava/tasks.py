@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from .families import LETTERS, SHORT, mc_options
+from .families import LETTERS, SHORT, dotted_options, mc_options
 from .language import QA, SCIENCE_FACTS, ask, caption, number_text, q_exist
 from .scenes import CELLS, COLORS, sample_degraded, sample_scene, sample_sign
 
@@ -43,10 +43,9 @@ def task_seed(name: str, split: str, seed: int) -> int:
 
 def mc_text(task: str, stem: str, options: list[str], context: str | None = None) -> str:
     """The prompt of a multiple-choice item; evaluation re-renders it for each rotation."""
+    opts = dotted_options(options)
     if task == "mmbench_cn":
-        opts = " ".join(f"{LETTERS[i]} . {o}" for i, o in enumerate(options))
         return f"{stem} Choices : {opts}{MC_CN}"
-    opts = " ".join(f"{LETTERS[i]} . {o}" for i, o in enumerate(options))
     head = f"Context : {context} " if context else ""
     return f"{head}Question : {stem} Options : {opts}{MC_EN}"
 

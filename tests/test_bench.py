@@ -58,6 +58,26 @@ def test_lm_lookup_color_curve(tmp_path):
     assert set(k for k in row if k.startswith("context_")) == {"context_color_lookup"}
 
 
+def test_image_choice_curve(tmp_path):
+    """experiments/image_choice.py: fine-tunes a checkpoint on image multiple choice (a fixed set
+    cycled) and reports MMBench-en/cn single-pass and circular accuracy as JSON lines."""
+    from icons.data.mini_llava import tokenizer_corpus
+    from icons.models import tiny_llava
+
+    tok = tiny_llava.build_tokenizer(tokenizer_corpus(per_family=50, per_task=20))
+    tiny_llava.save(tiny_llava.build_model(tok, text_hidden=32, text_layers=1, vision_hidden=32), tok, tmp_path / "init")
+    out = tmp_path / "curve.jsonl"
+    _last_line([str(ROOT / "experiments" / "image_choice.py"), "--init", str(tmp_path / "init"), "--unique", "8",
+                "--steps", "3", "--eval-every", "2", "--eval-n", "3", "--batch-size", "4", "--threads", "1",
+                "--out", str(out)], tmp_path)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3]
+    for r in rows:
+        for t in ("mmbench_en", "mmbench_cn"):
+            assert 0 <= r[f"{t}_circular"] <= r[f"{t}_single"] <= 100
+            assert round(r[f"{t}_circular"] * 3 / 100, 6) in (0, 1, 2, 3)  # whole items of 3
+
+
 def test_lm_lookup_letter_curve_from_a_checkpoint(tmp_path):
     from icons.data.mini_llava import tokenizer_corpus
     from icons.models import tiny_llava

@@ -259,7 +259,8 @@ def test_base_phases_are_validated_per_item(compose_cfg):
     cfg = compose_cfg()
     validate(cfg)
     assert [(p["kind"], p["examples"]) for p in base_recipe(cfg)["phases"]] == [
-        ("two_hop", 640000), ("stream", 192000), ("stream", 192000), ("stream", 128000), ("stream", 128000)]
+        ("two_hop", 640000), ("stream", 192000), ("stream", 192000), ("stream", 128000), ("stream", 128000),
+        ("stream", 128000), ("stream", 128000), ("stream", 128000)]
     assert "phases" not in base_recipe(compose_cfg(["model.pretrain.phases=[]"]))
     with pytest.raises(ConfigError) as info:
         validate(compose_cfg(["model.pretrain.phases.1.lr=-1"]))

@@ -326,3 +326,62 @@ def test_stream_v10_puts_the_described_image_in_front_of_text_questions():
         assert first.startswith("<image>\nContext : " + caption(rec["_spec"]) + " "), first
         with_image += 1
     assert with_image > 300 and 0.6 < with_image / described_text_only < 1.6
+
+
+@pytest.mark.parametrize("version", [11, 12])
+def test_stream_v11_seen_choice_letters_name_what_the_image_shows(version):
+    """Streams v11 and v12's choice about the image alone: no caption in the prompt (the answer is only
+    in the image), stage-1's own candidate format (v12: any generic letter format; never a target
+    instruction sentence), and the letter names the true answer recomputed from the image spec (count,
+    sign number and colour, science tables); about SEEN_CHOICE_SHARE of the stream; never in v10 or
+    in a text-only phase."""
+    import random
+    import re
+
+    from icons.data.mini_llava.families import MC_SUFFIX
+    from icons.data.mini_llava.pretraining import SEEN_CHOICE_SHARE, base_example
+    from icons.data.mini_llava.tasks import MC_CN, MC_EN
+
+    def seen(rec):
+        return rec["_spec"] is not None and rec["conversations"][0]["value"].startswith(
+            ("<image>\nQuestion :", "<image>\nContext : A circle", "<image>\nContext : A triangle",
+             "<image>\nContext : Red"))
+
+    rng, checked, formats, n_seen, n = random.Random(5), Counter(), Counter(), 0, 4000
+    for _ in range(n):
+        rec = base_example(rng, 0.5, version)
+        if not seen(rec):
+            continue
+        n_seen += 1
+        q, letter = (t["value"] for t in rec["conversations"])
+        assert MC_EN.strip() not in q and MC_CN.strip() not in q and MC_SUFFIX.strip() not in q
+        assert "There " not in q and " sign with " not in q, q
+        formats[next(f for f in ("Candidates", "( A )", "Options", "Choices") if f in q)] += 1
+        opts = _mc_options(q)
+        assert 2 <= len(opts) <= 4 and len(set(opts)) == len(opts), q
+        chosen, spec = opts["ABCD".index(letter)], rec["_spec"]
+        if spec["kind"] == "sign":
+            if "number" in q and "color" not in q:
+                checked["number"] += 1
+                assert chosen == " ".join(map(str, spec["digits"])), q
+            elif q.startswith("<image>\nQuestion : What color is the sign ?"):
+                checked["sign colour"] += 1
+                assert chosen == spec["bg"], q
+            continue
+        objs = spec["objs"]
+        if "How many objects are there ?" in q:
+            checked["count"] += 1
+            assert chosen == str(len(objs)), q
+        elif m := re.search(r"(How many sides does|Does|Is the color of) the (object at the )?([\w ]+?) (have|warm)", q):
+            o = next(o for o in objs if m.group(3) in (o["shape"], o["cell"]))
+            kind = {"How many sides does": "sides", "Does": "corners", "Is the color of": "warm"}[m.group(1)]
+            checked[kind] += 1
+            want = {"sides": SIDES[o["shape"]], "corners": CORNERS[o["shape"]],
+                    "warm": "warm" if o["color"] in ("red", "yellow") else "cool"}[kind]
+            assert chosen == want, q
+    assert len(checked) == 6 and min(checked.values()) > 10, checked
+    assert abs(n_seen / n - SEEN_CHOICE_SHARE[version]) < 0.03, n_seen
+    assert list(formats) == ["Candidates"] if version == 11 else min(formats.values()) > 100, formats
+    rng = random.Random(5)
+    assert not any(seen(base_example(rng, 0.5, 10)) for _ in range(2000))
+    assert not any(seen(base_example(rng, 1.0, version)) for _ in range(2000))

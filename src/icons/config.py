@@ -391,10 +391,12 @@ def shipped_phases() -> list[PhaseConfig]:
     """The shipped base's continuation (README, Known limit): 20k text-only two-hop steps make the LM
     compose look-up and letter; 2 x 6000 steps of stream v7 give the images back and carry the
     choice to captions; 4000 steps of stream v8 add verify questions (MME's yes/no); 4000 steps of
-    stream v9 add multiple choice in generic letter formats."""
+    stream v9 add multiple choice in generic letter formats; 4000 steps each of streams v10, v11 and
+    v12 put the image in front of text questions, then ask choices about the image alone."""
     return [PhaseConfig("two_hop", 640000, 1e-3, 0), PhaseConfig("stream", 192000, 1e-3, 7, 7),
             PhaseConfig("stream", 192000, 1e-3, 8, 7), PhaseConfig("stream", 128000, 1e-3, 9, 8),
-            PhaseConfig("stream", 128000, 1e-3, 11, 9)]
+            PhaseConfig("stream", 128000, 1e-3, 11, 9), PhaseConfig("stream", 128000, 1e-3, 12, 10),
+            PhaseConfig("stream", 128000, 1e-3, 13, 11), PhaseConfig("stream", 128000, 1e-3, 14, 12)]
 
 
 @dataclass

@@ -40,7 +40,18 @@ is still in the text). Any image before a question derailed the v9 base's text s
 single-object sides items: 100% right without an image, 41% with its own image); after 4000 steps
 of v10 they are 71% with the image, and full data reaches MMBench single pass 37% (v9: 26-30%).
 It relaxes v9's rule that no image comes with a question: the answer is always in the text, never
-only in the image. Not shipped yet (README, Known limit: session 10).
+only in the image.
+
+Stream version 11 is v10 plus (j) choices about the image alone: 15% of all examples put a scene or
+sign in front of a question with no caption (a science question with its facts as context a quarter
+of the time on scenes), answered by a letter among candidates in stage-1's own format
+(``seen_choice_example``). A 7B LLM applies its language skills to whatever the projector feeds it;
+a 4-layer LM does not: fine-tuned on fresh image multiple-choice items alone, the v9 base reached
+MMBench circular 17.5% only after 16k of them (2.5% after 4k), and the pool holds about 1000
+(README, Known limit: session 11). It relaxes v10's rule: the answer is now only in the image.
+Stream version 12 is v11 with that choice at 20% and in any of MC_FORMATS (v11: stage-1's own
+format only), so the "A . x" option layout that the target tasks share with v9's text multiple
+choice now also comes with images; still no target task's instruction sentence.
 
 Stream version 8 is v7 plus (h) verify questions about a described scene or sign ("Context : ...
 Question : Is the circle red ?" -> yes/no): checking a stated colour, place, count or number
@@ -49,7 +60,8 @@ session 9).
 
 ``two_hop_stream`` is the text-only data of the base's ``two_hop`` continuation phase (the
 composed choice beside each of its hops and copying); the shipped base is stream v5 from scratch,
-then that phase, then stream v7 twice, stream v8 and stream v9 (``config.shipped_phases``, ``models.base``).
+then that phase, then stream v7 twice, then streams v8, v9, v10, v11 and v12 (``config.shipped_phases``,
+``models.base``).
 """
 from __future__ import annotations
 
@@ -88,6 +100,13 @@ TEXT_MIXES[9] = {"context_qa": 0.15, "verify": 0.15, "copy": 0.15, "choice": 0.0
 TEXT_MIXES[10] = TEXT_MIXES[9]
 #: the first stream version whose text questions may come with the described image in front
 IMAGE_CONTEXT_VERSION = 10
+# v11: v10's mix; beside it, SEEN_CHOICE_SHARE of all examples ask about the image alone (no caption),
+# answered by a letter among candidates in stage-1's own format (``seen_choice_example``)
+TEXT_MIXES[11] = TEXT_MIXES[10]
+SEEN_CHOICE_VERSION = 11
+SEEN_CHOICE_SHARE = {11: 0.15, 12: 0.2}
+# v12: v11 with the choice about the image in any of MC_FORMATS (v11: stage-1's own format only)
+TEXT_MIXES[12] = TEXT_MIXES[11]
 #: the first stream version whose captions list a scene's objects in random order
 RANDOM_ORDER_VERSION = 6
 
@@ -289,8 +308,27 @@ def _text_and_spec(rng: random.Random, version: int) -> tuple[list[dict], dict |
     return turns, spec
 
 
+def seen_choice_example(rng: random.Random, version: int = SEEN_CHOICE_VERSION) -> dict:
+    """Stream v11's choice about the image itself: a question about the pictured scene or sign (a
+    science question with its facts as context 70% of the time), no caption, its answer among 2-4
+    candidates in stage-1's own format ("Candidates : A = red ; B = blue . Give the letter .")."""
+    spec = _described(rng, SEEN_CHOICE_VERSION)
+    context = ""
+    if spec["kind"] == "scene" and rng.random() < 0.25:
+        qa = ask(spec, "science", rng)
+        context = f"Context : {SCIENCE_FACTS[qa.skill]} " if rng.random() < 0.7 else ""
+    else:
+        qa = _any_qa(rng, spec)
+    opts = _lettered(rng, qa.answer, qa.candidates)
+    fmt = MC_FORMATS[0] if version == SEEN_CHOICE_VERSION else rng.choice(MC_FORMATS)
+    prompt = f"<image>\n{context}Question : {qa.question} {fmt(opts)}"
+    return {"_spec": spec, "conversations": _text(prompt, "ABCD"[opts.index(qa.answer)])}
+
+
 def base_example(rng: random.Random, text_qa_fraction: float, version: int = STREAM_VERSION) -> dict:
     """One stage-1 example as a LLaVA record with an image spec in '_spec' (None if text-only)."""
+    if version >= SEEN_CHOICE_VERSION and text_qa_fraction < 1.0 and rng.random() < SEEN_CHOICE_SHARE[version]:
+        return seen_choice_example(rng, version)
     if rng.random() < text_qa_fraction:
         conv, spec = _text_and_spec(rng, version)
         if version >= IMAGE_CONTEXT_VERSION and spec is not None and rng.random() < 0.5:

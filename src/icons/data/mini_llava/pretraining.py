@@ -309,9 +309,10 @@ def _text_and_spec(rng: random.Random, version: int) -> tuple[list[dict], dict |
 
 
 def seen_choice_example(rng: random.Random, version: int = SEEN_CHOICE_VERSION) -> dict:
-    """Stream v11's choice about the image itself: a question about the pictured scene or sign (a
-    science question with its facts as context 70% of the time), no caption, its answer among 2-4
-    candidates in stage-1's own format ("Candidates : A = red ; B = blue . Give the letter .")."""
+    """Streams v11 and v12's choice about the image itself: a question about the pictured scene or
+    sign (a science question with its facts as context 70% of the time), no caption, its answer
+    among 2-4 candidates in stage-1's own format ("Candidates : A = red ; B = blue . Give the
+    letter ."; v12: any of MC_FORMATS)."""
     spec = _described(rng, SEEN_CHOICE_VERSION)
     context = ""
     if spec["kind"] == "scene" and rng.random() < 0.25:
@@ -327,6 +328,7 @@ def seen_choice_example(rng: random.Random, version: int = SEEN_CHOICE_VERSION) 
 
 def base_example(rng: random.Random, text_qa_fraction: float, version: int = STREAM_VERSION) -> dict:
     """One stage-1 example as a LLaVA record with an image spec in '_spec' (None if text-only)."""
+    # a text-only phase (text_qa_fraction 1, e.g. lm_examples) never gets an image
     if version >= SEEN_CHOICE_VERSION and text_qa_fraction < 1.0 and rng.random() < SEEN_CHOICE_SHARE[version]:
         return seen_choice_example(rng, version)
     if rng.random() < text_qa_fraction:

@@ -104,7 +104,7 @@ IMAGE_CONTEXT_VERSION = 10
 # answered by a letter among candidates in stage-1's own format (``seen_choice_example``)
 TEXT_MIXES[11] = TEXT_MIXES[10]
 SEEN_CHOICE_VERSION = 11
-SEEN_CHOICE_SHARE = {11: 0.15, 12: 0.2}
+SEEN_CHOICE_SHARE = {11: 0.15, 12: 0.2}  # per stream version that has the choice about the image
 # v12: v11 with the choice about the image in any of MC_FORMATS (v11: stage-1's own format only)
 TEXT_MIXES[12] = TEXT_MIXES[11]
 #: the first stream version whose captions list a scene's objects in random order
@@ -313,7 +313,7 @@ def seen_choice_example(rng: random.Random, version: int = SEEN_CHOICE_VERSION) 
     sign (a science question with its facts as context 70% of the time), no caption, its answer
     among 2-4 candidates in stage-1's own format ("Candidates : A = red ; B = blue . Give the
     letter ."; v12: any of MC_FORMATS)."""
-    spec = _described(rng, SEEN_CHOICE_VERSION)
+    spec = _described(rng, version)
     context = ""
     if spec["kind"] == "scene" and rng.random() < 0.25:
         qa = ask(spec, "science", rng)
@@ -329,7 +329,7 @@ def seen_choice_example(rng: random.Random, version: int = SEEN_CHOICE_VERSION) 
 def base_example(rng: random.Random, text_qa_fraction: float, version: int = STREAM_VERSION) -> dict:
     """One stage-1 example as a LLaVA record with an image spec in '_spec' (None if text-only)."""
     # a text-only phase (text_qa_fraction 1, e.g. lm_examples) never gets an image
-    if version >= SEEN_CHOICE_VERSION and text_qa_fraction < 1.0 and rng.random() < SEEN_CHOICE_SHARE[version]:
+    if version in SEEN_CHOICE_SHARE and text_qa_fraction < 1.0 and rng.random() < SEEN_CHOICE_SHARE[version]:
         return seen_choice_example(rng, version)
     if rng.random() < text_qa_fraction:
         conv, spec = _text_and_spec(rng, version)

@@ -226,6 +226,57 @@ def _mc_options(prompt: str) -> list[str]:
     return [part.strip() for part in re.split(r"(?:^| )[ABCD] \. ", body)[1:]]
 
 
+def _true_option(q: str) -> tuple[str, str] | None:
+    """(kind, true answer) of a stage-1 text multiple-choice prompt, recomputed from the facts,
+    science trivia or sign it states; None for a described scene."""
+    import re
+
+    if m := re.search(r"Facts : (.*) Question : What (color|shape) is the (\w+)(?: object)? \?", q):
+        facts = re.findall(r"(\w+) (\w+) \.", m.group(1))
+        return "facts", next(c if m.group(2) == "color" else s for c, s in facts if m.group(3) in (s, c))
+    if m := re.search(r"How many sides does the (\w+) have \?", q):
+        return "sides", SIDES[m.group(1)]
+    if m := re.search(r"Does the (\w+) have corners \?", q):
+        return "corners", CORNERS[m.group(1)]
+    if m := re.search(r"Is the color (\w+) warm or cool \?", q):
+        return "warm", "warm" if m.group(1) in ("red", "yellow") else "cool"
+    if m := re.search(r"Context : (A \w+ sign .*?) Question : What (?:number is written on the sign|is the "
+                      r"number on the sign) \?", q):
+        return "sign", " ".join(map(str, _spec_from_caption(m.group(1))["digits"]))
+    return None
+
+
+def test_text_only_chat_half_asks_about_a_given_passage():
+    """The pool's text-only chat (ShareGPT analog): PASSAGE_SHARE of it asks about a given passage
+    in PASSAGE_MIX's kinds (stage-1's text forms: no image, no target instruction sentence), the
+    rest is arithmetic and trivia; a lettered answer names the true option, recomputed from the
+    facts, trivia or sign the prompt states."""
+    import random
+    import re
+
+    from icons.data.mini_llava.families import MC_SUFFIX, PASSAGE_SHARE, make_record
+    from icons.data.mini_llava.pretraining import PASSAGE_MIX
+    from icons.data.mini_llava.tasks import MC_CN, MC_EN
+
+    rng, n, passages, lettered, checked = random.Random(7), 2000, 0, 0, Counter()
+    for _ in range(n):
+        rec = make_record("text_only", rng)
+        q, answer = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
+        assert rec["_spec"] is None and "<image>" not in q
+        assert MC_EN.strip() not in q and MC_CN.strip() not in q and MC_SUFFIX.strip() not in q
+        if not re.match(r"(Context|Facts|Question) : ", q):
+            continue
+        passages += 1
+        if answer in ("A", "B", "C", "D"):
+            lettered += 1
+            if truth := _true_option(q):
+                checked[truth[0]] += 1
+                assert _mc_options(q)["ABCD".index(answer)] == truth[1], q
+    assert abs(passages / n - PASSAGE_SHARE) < 0.04
+    assert abs(lettered / passages - PASSAGE_MIX["mc"] - PASSAGE_MIX["choice"]) < 0.06
+    assert len(checked) == 5 and min(checked.values()) > 10, checked
+
+
 def test_stream_v9_multiple_choice_letters_name_the_true_answer():
     """Stream v9's generic multiple choice: the letter answered names the true answer, recomputed
     from the facts, the science trivia or the sign described (not from the generator); all four
@@ -247,22 +298,9 @@ def test_stream_v9_multiple_choice_letters_name_the_true_answer():
         assert 2 <= len(opts) <= 4 and len(set(opts)) == len(opts), q
         chosen = opts["ABCD".index(letter)]
         formats[next(f for f in ("Candidates", "( A )", "Options", "Choices") if f in q)] += 1
-        if m := re.search(r"Facts : (.*) Question : What (color|shape) is the (\w+)(?: object)? \?", q):
-            kind, facts = "facts", re.findall(r"(\w+) (\w+) \.", m.group(1))
-            want = next(c if m.group(2) == "color" else s for c, s in facts if m.group(3) in (s, c))
-        elif m := re.search(r"How many sides does the (\w+) have \?", q):
-            kind, want = "sides", SIDES[m.group(1)]
-        elif m := re.search(r"Does the (\w+) have corners \?", q):
-            kind, want = "corners", CORNERS[m.group(1)]
-        elif m := re.search(r"Is the color (\w+) warm or cool \?", q):
-            kind, want = "warm", "warm" if m.group(1) in ("red", "yellow") else "cool"
-        elif m := re.search(r"Context : (A \w+ sign .*?) Question : What (?:number is written on the sign|is the "
-                            r"number on the sign) \?", q):
-            kind, want = "sign", " ".join(map(str, _spec_from_caption(m.group(1))["digits"]))
-        else:
-            continue  # a described scene: its answers come from language.ask, tested on its own
-        checked[kind] += 1
-        assert chosen == want, q
+        if truth := _true_option(q):  # None: a described scene, its answers tested with language.ask
+            checked[truth[0]] += 1
+            assert chosen == truth[1], q
     assert min(checked.values()) > 15 and len(checked) == 5, checked
     assert len(formats) == 4 and min(formats.values()) > 120, formats
     # stream v9 draws it: the "( A )" format is mc_example's alone, a quarter of its items

@@ -14,6 +14,8 @@ import random
 from .language import QA, SCIENCE_FACTS, ask, caption, short_caption, text_only_qa
 from .scenes import sample_degraded, sample_scene, sample_sign
 
+#: share of text-only chat that asks about a given passage (the rest: arithmetic and trivia)
+PASSAGE_SHARE = 0.5
 SHORT = " Answer the question using a single word or phrase ."
 MC_SUFFIX = " Answer with the option's letter from the given choices directly ."
 LETTERS = ["A", "B", "C", "D"]
@@ -21,7 +23,8 @@ LETTERS = ["A", "B", "C", "D"]
 # Share of each family in the pool (LLaVA-665K counterpart in the comment).
 FAMILY_SHARES = {
     "vqa": 0.12,        # VQAv2 / OKVQA short answers; half are near-duplicate colour questions
-    "text_only": 0.18,  # ShareGPT text-only chat (about 6% of 665K; more here, as off-target mass)
+    "text_only": 0.18,  # ShareGPT text-only chat (about 6% of 665K; more here, as off-target mass),
+                        # half of it questions about a given passage (PASSAGE_SHARE)
     "conv": 0.12,       # LLaVA-Instruct conversations, 2-3 turns, sentence answers
     "caption": 0.10,    # short captions (TextCaps / brief descriptions)
     "ground": 0.06,     # RefCOCO / VG region descriptions
@@ -69,6 +72,9 @@ def make_record(family: str, rng: random.Random, split: str = "train") -> dict |
     """One pool record of ``family``: LLaVA conversation + '_spec' (image spec) + 'meta'."""
     spec = None
     if family == "text_only":
+        if rng.random() < PASSAGE_SHARE:  # reading comprehension about a given passage
+            from .pretraining import passage_example  # here: pretraining imports this module
+            return {"conversations": passage_example(rng), "_spec": None, "meta": {"family": family}}
         turns = []
         for k in range(rng.choice([1, 1, 2])):
             q, a = text_only_qa(rng)

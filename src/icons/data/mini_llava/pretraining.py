@@ -280,9 +280,21 @@ def text_example(rng: random.Random, version: int = STREAM_VERSION) -> list[dict
     return _text_and_spec(rng, version)[0]
 
 
-def _text_and_spec(rng: random.Random, version: int) -> tuple[list[dict], dict | None]:
-    """A text-only conversation and the scene or sign its context describes (None: facts, trivia...)."""
-    mix = TEXT_MIXES[version]
+#: The pool's passage questions (``families.make_record('text_only')``): stage-1's text questions
+#: about a described scene or sign (answer, yes/no check, lettered choice), as ShareGPT chat holds
+#: reading comprehension and quizzes. Stream v9's captions and letter formats.
+PASSAGE_MIX = {"context_qa": 0.35, "verify": 0.25, "mc": 0.3, "choice": 0.1}
+
+
+def passage_example(rng: random.Random) -> list[dict]:
+    """One text-only question (or several) about a given passage, in PASSAGE_MIX's kinds."""
+    return _text_and_spec(rng, 9, PASSAGE_MIX)[0]
+
+
+def _text_and_spec(rng: random.Random, version: int, mix: dict[str, float] | None = None) -> tuple[list[dict], dict | None]:
+    """A text-only conversation and the scene or sign its context describes (None: facts, trivia...).
+    ``mix``: the kinds' weights (None: the stream version's TEXT_MIXES)."""
+    mix = TEXT_MIXES[version] if mix is None else mix
     kind = rng.choices(list(mix), list(mix.values()))[0]
     if kind == "facts":
         return facts_example(rng), None

@@ -80,6 +80,24 @@ def test_rerun_skips_finished_stages_and_consensus_change_reuses_features(tmp_pa
     assert scores.shape == (240, 10) and np.isfinite(scores).all()
 
 
+def test_changed_pool_retrains_in_the_same_run_dir(tmp_path, smoke_base, monkeypatch):
+    """The full model's ids (pool-000000...) are the same for any pool: a new data seed or a new
+    generator must still give a new data stage and a new trained model, never the old one."""
+    import importlib
+
+    build = importlib.import_module("icons.data.mini_llava.build")  # the package re-exports build()
+    stages = ["selectors=[full]", "stages=[data,base,select,subset,train]"]
+    keys = []
+    for extra, version in (([], build.GENERATOR_VERSION), (["data.seed=1"], build.GENERATOR_VERSION),
+                           (["data.seed=1"], build.GENERATOR_VERSION + 1)):
+        monkeypatch.setattr(build, "GENERATOR_VERSION", version)
+        run_stages(_cfg(tmp_path, smoke_base, *stages, *extra), tmp_path / "r")
+        done = json.loads((tmp_path / "r" / "stages.json").read_text())
+        keys.append((done["data"]["key"], done["train/full"]["key"]))
+        assert Path(done["train/full"]["path"], "manifest.json").exists()
+    assert len({k[0] for k in keys}) == 3 and len({k[1] for k in keys}) == 3
+
+
 def test_different_seed_changes_warmup_subset(tmp_path, smoke_base):
     ids = []
     for seed in (0, 1):

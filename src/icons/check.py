@@ -187,6 +187,10 @@ def data_key(cfg: DictConfig) -> dict:
         key["meta"] = [file_signature(p.with_suffix(".meta.json")) for p in val.values()]
     if key:
         key["model"] = _model_key(cfg)
+    if cfg.data.kind == "mini_llava":  # the generated benchmark changes with the generator's code
+        from .data.mini_llava.build import GENERATOR_VERSION
+
+        key["generator"] = GENERATOR_VERSION
     return key
 
 

@@ -571,7 +571,9 @@ def stage_train(run: Run) -> dict:
     results = {}
     for name in selector_names(cfg):
         ids = selection_ids(run, name, pool)
-        key = config_hash({**section(cfg, "train", "seed"), "base": key_of(run, "base"), "ids": config_hash(ids)})
+        # the data key too: the ids (e.g. pool-000000...) stay the same when the pool's content changes
+        key = config_hash({**section(cfg, "train", "seed"), "base": key_of(run, "base"), "data": key_of(run, "data"),
+                           "ids": config_hash(ids)})
         out = run.shared("train", name, key)
         if m := finished(out, key):
             results[name] = m

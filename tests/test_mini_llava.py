@@ -283,7 +283,6 @@ def test_stream_v9_multiple_choice_letters_name_the_true_answer():
     formats and all contents occur; no target task's instruction sentence is used (stage-1 stays
     off the target formats)."""
     import random
-    import re
 
     from icons.data.mini_llava.families import MC_SUFFIX
     from icons.data.mini_llava.pretraining import TEXT_MIXES, mc_example, text_example

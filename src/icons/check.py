@@ -174,7 +174,8 @@ def _model_key(cfg: DictConfig) -> dict:
 
 def data_key(cfg: DictConfig) -> dict:
     """What a data result depends on besides the config: the user's files (an edited pool or
-    validation file is read again) and the model's length limit (records are checked against it)."""
+    validation file is read again), the model's length limit (records are checked against it) and,
+    for the miniature benchmark, the generator's version."""
     key: dict = {}
     if cfg.data.kind == "llava_json":
         key["source"] = file_signature(Path(cfg.data.path).expanduser())

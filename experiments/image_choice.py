@@ -32,7 +32,7 @@ from icons.data.mini_llava.families import LETTERS, MC_SUFFIX, make_record, mc_o
 from icons.data.mini_llava.language import ask
 from icons.data.mini_llava.scenes import render, sample_scene
 from icons.data.mini_llava.tasks import build_task
-from icons.evaluate import _rotations
+from icons.evaluate import rotations
 from icons.models import tiny_llava
 
 
@@ -57,7 +57,7 @@ def test_items(task: str, n: int, seed: int) -> list[tuple[dict, dict, int]]:
     """Every rotation of ``n`` test items of an MMBench analog: (record, spec, answer index)."""
     out = []
     for rec in build_task(task, n, "test", seed, set()):
-        for rot, letter in _rotations(task, rec):
+        for rot, letter in rotations(task, rec):
             out.append(({"conversations": rot["conversations"]}, rec["_spec"], LETTERS.index(letter)))
     return out
 

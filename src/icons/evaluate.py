@@ -74,7 +74,8 @@ def _rows(records: list[dict], preds: list[str], hits: list) -> list[dict]:
     return [_row(r, p, r["answer"], h) for r, p, h in zip(records, preds, hits)]
 
 
-def _rotations(task: str, rec: dict) -> list[tuple[dict, str]]:
+def rotations(task: str, rec: dict) -> list[tuple[dict, str]]:
+    """MMBench's circular evaluation: ``rec`` once per rotation of its options, with the right letter."""
     opts, ans = rec["options"], rec["answer_index"]
     out = []
     for r in range(len(opts)):
@@ -92,7 +93,7 @@ def evaluate_task(model, encoder: Encoder, task: str, records: list[dict], max_n
     generated answer (id, prompt variant, prediction, reference, hit)} for one task's test records."""
     metric = METRIC[task]
     if metric == "circular":
-        expanded = [(i, r, a) for i, rec in enumerate(records) for r, a in _rotations(task, rec)]
+        expanded = [(i, r, a) for i, rec in enumerate(records) for r, a in rotations(task, rec)]
         preds = generate(model, encoder, [r for _, r, _ in expanded], max_new_tokens, batch_size)
         ok: dict[int, bool] = defaultdict(lambda: True)
         single = []

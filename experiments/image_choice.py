@@ -9,14 +9,22 @@ This is the diagnostic behind issue #2's MMBench bar (README, Known limit: sessi
 
     python experiments/image_choice.py --init src/icons/assets/tiny_llava_base --steps 1000
 
-``--items pool``: the pool's multiple-choice family (colour, shape, count, position; 2-4 options,
-the pool's wording); ``--items colour``: "What color is the <shape> ?" about one object, 4 options.
+``--items pool``: the pool's multiple-choice family (colour, shape, count, position; four options
+since generator v7, the pool's wording); ``--items colour``: "What color is the <shape> ?" about one
+object, 4 options; ``--items number`` / ``position``: one MMBench skill alone (sign number or place),
+4 options, pool images. Each row also gives, per MMBench skill, [single pass, circular].
+``--train-vision`` trains the vision tower too.
 Measured on 2 CPU threads (session 11, lr 1e-3, batch 16, 200 test items per task):
 - the v9 base learns single-object colour to 100% within 250 steps (4k items);
 - on fresh pool items, MMBench-en single / circular 33.4 / 2.5% after 4k items, 44.6 / 17.5% after
   16k (cn 39.2 / 3.0%); the pool holds about 1000 multiple-choice records;
 - from the v10 base: 45.9 / 26.0% after 8k fresh items (cn 40.8 / 8.0%); 2000 unique items seen
   four times: 41.2 / 16.0% (cn 37.2 / 1.0%).
+Session 13, the shipped (v12) base, 100 test items per task:
+- pool items (2-4 options then): circular 41.0 / 43.0% (en) and 40.0 / 41.0% (cn) after 8k / 16k
+  items; colour, count and shape 56-100% circular, number and position 0%;
+- ``--items number``: 16k items, number items 33-42% single pass (en), 0% circular; with
+  ``--train-vision`` 29-31% after 8-16k; ``--items position``: 8k items, 24-38% single pass, 0% circular.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import torch
 from icons.data.encode import Encoder, collate
 from icons.data.mini_llava.families import LETTERS, MC_SUFFIX, make_record, mc_options, mc_prompt
 from icons.data.mini_llava.language import ask
-from icons.data.mini_llava.scenes import render, sample_scene
+from icons.data.mini_llava.scenes import render, sample_scene, sample_sign
 from icons.data.mini_llava.tasks import build_task
 from icons.evaluate import rotations
 from icons.models import tiny_llava
@@ -47,10 +55,27 @@ def train_item(rng: random.Random, items: str) -> tuple[dict, dict]:
         qa = ask(spec, "color", rng)
         opts = mc_options(qa, rng, 4)
         return {"conversations": _conv(mc_prompt(qa.question, opts) + MC_SUFFIX, LETTERS[opts.index(qa.answer)])}, spec
+    if items in ("number", "position"):  # one MMBench skill alone, 4 options, pool images
+        spec = sample_sign(rng, "train") if items == "number" else sample_scene(rng)
+        qa = ask(spec, items, rng)
+        while qa is None:
+            spec = sample_scene(rng)
+            qa = ask(spec, items, rng)
+        opts = mc_options(qa, rng, 4)
+        return {"conversations": _conv(mc_prompt(qa.question, opts) + MC_SUFFIX, LETTERS[opts.index(qa.answer)])}, spec
     rec = None
     while rec is None:
         rec = make_record("mc", rng)
     return {"conversations": rec["conversations"]}, rec["_spec"]
+
+
+def skill_of(stem: str) -> str:
+    """The MMBench analog's skill, read off the question stem."""
+    for key, skill in (("number", "number"), ("How many", "count"), ("Where", "position"), ("shape", "shape"),
+                       ("color", "color")):
+        if key in stem:
+            return skill
+    return "other"
 
 
 def test_items(task: str, n: int, seed: int) -> list[tuple[dict, dict, int]]:
@@ -58,7 +83,8 @@ def test_items(task: str, n: int, seed: int) -> list[tuple[dict, dict, int]]:
     out = []
     for rec in build_task(task, n, "test", seed, set()):
         for rot, letter in rotations(task, rec):
-            out.append(({"conversations": rot["conversations"]}, rec["_spec"], LETTERS.index(letter)))
+            out.append(({"conversations": rot["conversations"], "skill": skill_of(rec["stem"])}, rec["_spec"],
+                        LETTERS.index(letter)))
     return out
 
 
@@ -85,13 +111,21 @@ class Scorer:
             hits += [int(lg.argmax()) == a for lg, (_, _, a) in zip(logits, chunk)]
         self.model.train()
         circular = [all(hits[i:i + 4]) for i in range(0, len(hits), 4)]
-        return {"single": round(100 * sum(hits) / len(hits), 1), "circular": round(100 * sum(circular) / len(circular), 1)}
+        out = {"single": round(100 * sum(hits) / len(hits), 1), "circular": round(100 * sum(circular) / len(circular), 1)}
+        by_skill: dict[str, list[list[bool]]] = {}  # skill -> the four rotations' hits per item
+        for i in range(0, len(hits), 4):
+            by_skill.setdefault(items[i][0]["skill"], []).append(hits[i:i + 4])
+        for k, groups in sorted(by_skill.items()):  # per skill: [single pass, circular]
+            out[k] = [round(100 * sum(map(sum, groups)) / (4 * len(groups)), 1),
+                      round(100 * sum(map(all, groups)) / len(groups), 1)]
+        return out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init", required=True, help="a tiny LLaVA checkpoint (e.g. src/icons/assets/tiny_llava_base)")
-    ap.add_argument("--items", choices=["pool", "colour"], default="pool")
+    ap.add_argument("--items", choices=["pool", "colour", "number", "position"], default="pool")
+    ap.add_argument("--train-vision", action="store_true", help="train the vision tower too (frozen by default)")
     ap.add_argument("--unique", type=int, default=0, help="cycle this many fixed items (0: fresh items every step)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--eval-every", type=int, default=250)
@@ -111,7 +145,7 @@ def main(argv=None) -> None:
     scorer = Scorer(model, tok, enc, vc.image_size)
     tests = {t: test_items(t, a.eval_n, a.seed) for t in ("mmbench_en", "mmbench_cn")}
     for name, p in model.named_parameters():
-        p.requires_grad = not name.startswith("model.vision_tower")
+        p.requires_grad = a.train_vision or not name.startswith("model.vision_tower")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
     rng = random.Random(a.seed + 1)
     fixed = [train_item(rng, a.items) for _ in range(a.unique)]

@@ -78,6 +78,27 @@ def test_image_choice_curve(tmp_path):
             assert round(r[f"{t}_circular"] * 3 / 100, 6) in (0, 1, 2, 3)  # whole items of 3
 
 
+def test_image_choice_one_skill_with_per_skill_scores(tmp_path):
+    """``--items number --train-vision``: trains on sign-number choices, vision tower included, and
+    reports [single pass, circular] for each MMBench skill, every test stem recognised."""
+    from icons.data.mini_llava import tokenizer_corpus
+    from icons.models import tiny_llava
+
+    tok = tiny_llava.build_tokenizer(tokenizer_corpus(per_family=50, per_task=20))
+    tiny_llava.save(tiny_llava.build_model(tok, text_hidden=32, text_layers=1, vision_hidden=32), tok, tmp_path / "init")
+    out = tmp_path / "curve.jsonl"
+    _last_line([str(ROOT / "experiments" / "image_choice.py"), "--init", str(tmp_path / "init"), "--items", "number",
+                "--train-vision", "--steps", "2", "--eval-every", "2", "--eval-n", "24", "--batch-size", "4",
+                "--threads", "1", "--out", str(out)], tmp_path)
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    for t in ("mmbench_en", "mmbench_cn"):
+        skills = {k.removeprefix(t + "_") for k, v in row.items() if k.startswith(t) and isinstance(v, list)}
+        assert skills == {"color", "count", "number", "position", "shape"}, skills
+        for skill in skills:
+            single, circular = row[f"{t}_{skill}"]
+            assert 0 <= circular <= single <= 100
+
+
 def test_lm_lookup_letter_curve_from_a_checkpoint(tmp_path):
     from icons.data.mini_llava import tokenizer_corpus
     from icons.models import tiny_llava

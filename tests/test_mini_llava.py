@@ -211,6 +211,44 @@ def test_science_multiple_choice_letter_names_the_true_fact():
     assert n_mc > 100
 
 
+def _scene_truth(q: str, spec: dict) -> str:
+    """The true answer of a pool multiple-choice stem, read off the scene spec (colour, shape,
+    count or place of the object the stem names)."""
+    import re
+
+    objs = spec["objs"]
+    if q.startswith("How many objects are there ?"):
+        return str(len(objs))
+    if m := re.match(r"What color is the (object at the (\w+ \w+)|\w+) \?", q):
+        return next(o["color"] for o in objs if o["cell"] == m.group(2) or o["shape"] == m.group(1))
+    if m := re.match(r"What shape is (?:the (\w+) object|at the (\w+ \w+)) \?", q):
+        return next(o["shape"] for o in objs if o["color"] == m.group(1) or o["cell"] == m.group(2))
+    m = re.match(r"Where is the (\w+) (\w+) \?", q)
+    return next(o["cell"] for o in objs if (o["color"], o["shape"]) == m.groups())
+
+
+def test_multiple_choice_family_has_four_options_like_a_okvqa():
+    """The pool's A-OKVQA analog: always four lettered options (A-OKVQA's and MMBench's make-up),
+    so the answer letter is uniform over A-D rather than favouring A (2-4 options made A the
+    answer 36% of the time, D 8%); the letter names what the scene shows."""
+    import random
+    import re
+
+    from icons.data.mini_llava.families import MC_SUFFIX, make_record
+
+    rng, letters = random.Random(11), Counter()
+    for _ in range(800):
+        rec = make_record("mc", rng)
+        q, letter = rec["conversations"][0]["value"].removeprefix("<image>\n"), rec["conversations"][1]["value"]
+        assert q.endswith(MC_SUFFIX)
+        stem, body = re.match(r"(.*\?) (A \. .*)" + re.escape(MC_SUFFIX), q).groups()
+        opts = re.split(r"(?:^| )[ABCD] \. ", body)[1:]
+        assert len(opts) == 4 == len(set(opts)), q
+        assert opts["ABCD".index(letter)] == _scene_truth(stem, rec["_spec"]), q
+        letters[letter] += 1
+    assert all(abs(letters[x] / 800 - 0.25) < 0.05 for x in "ABCD"), letters
+
+
 def _mc_options(prompt: str) -> list[str]:
     """The options of a stream-v9 multiple-choice prompt, parsed back from whichever format it uses."""
     import re

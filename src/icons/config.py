@@ -654,7 +654,7 @@ class TrainConfig:
 
     epochs: int = 4
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"

@@ -22,7 +22,7 @@ LETTERS = ["A", "B", "C", "D"]
 
 # Share of each family in the pool (LLaVA-665K counterpart in the comment).
 FAMILY_SHARES = {
-    "vqa": 0.12,        # VQAv2 / OKVQA short answers; half are near-duplicate colour questions
+    "vqa": 0.06,        # VQAv2 / OKVQA short answers; half are near-duplicate colour questions
     "text_only": 0.18,  # ShareGPT text-only chat (about 6% of 665K; more here, as off-target mass),
                         # half of it questions about a given passage (PASSAGE_SHARE)
     "conv": 0.12,       # LLaVA-Instruct conversations, 2-3 turns, sentence answers
@@ -33,9 +33,9 @@ FAMILY_SHARES = {
     "ocr": 0.05,        # OCR-VQA: reading signs
     "exist": 0.04,      # VG existence yes/no
     "verify": 0.08,     # VQAv2 / GQA verify questions: a stated colour, place, count or number, yes/no
-    "mc": 0.08,         # A-OKVQA multiple choice
+    "mc": 0.12,         # A-OKVQA multiple choice (66K of 665K), four options as in A-OKVQA
     "degraded": 0.04,   # low-quality images, with 'unanswerable' answers
-    "science": 0.03,    # knowledge questions about the pictured object
+    "science": 0.05,    # knowledge questions about the pictured object
 }
 
 
@@ -128,7 +128,9 @@ def make_record(family: str, rng: random.Random, split: str = "train") -> dict |
         turns = _turn(qa.question + suffix, qa.answer, True, True)
     elif family == "mc":
         qa = _short(rng, spec, ["color", "shape", "count", "position"])
-        opts = mc_options(qa, rng, rng.choice([2, 3, 4]))
+        # Always four options, as A-OKVQA: with 2-4 the answer was A 36% and D 8% of the time, a
+        # letter prior that fails MMBench's circular evaluation (session 13)
+        opts = mc_options(qa, rng, 4)
         prompt = mc_prompt(qa.question, opts) + MC_SUFFIX
         turns = _turn(prompt, LETTERS[opts.index(qa.answer)], True, True)
     elif family == "verify":

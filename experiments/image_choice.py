@@ -164,7 +164,7 @@ def main(argv=None) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % a.eval_every == 0 or step == a.steps:
             row = {"step": step, "items_seen": step * a.batch_size, "loss": round(sum(losses) / len(losses), 4),
                    **{f"{t}_{k}": v for t, items_ in tests.items() for k, v in scorer.accuracy(items_).items()},

@@ -5,7 +5,7 @@ multiple-choice items about an image, drawn fresh each step (``--unique 0``) or 
 set (``--unique N``, like a pool), and prints, every ``--eval-every`` steps, one JSON line with
 MMBench-en and -cn accuracy on the benchmark's own test items: single pass and circular (all four
 rotations right), restricted to the option letters (teacher-forced, no generation).
-This is the diagnostic behind issue #2's MMBench bar (README, Known limit: session 11).
+This is the diagnostic behind issue #2's MMBench bar (README, The bar: sessions 11 and 13).
 
     python experiments/image_choice.py --init src/icons/assets/tiny_llava_base --steps 1000
 
@@ -22,7 +22,8 @@ Measured on 2 CPU threads (session 11, lr 1e-3, batch 16, 200 test items per tas
   four times: 41.2 / 16.0% (cn 37.2 / 1.0%).
 Session 13, the shipped (v12) base, 100 test items per task:
 - pool items (2-4 options then): circular 41.0 / 43.0% (en) and 40.0 / 41.0% (cn) after 8k / 16k
-  items; colour, count and shape 56-100% circular, number and position 0%;
+  items (cn falls to 4.0% after 24k); colour, count and shape 56-100% circular, number and
+  position 0%;
 - ``--items number``: 16k items, number items 33-42% single pass (en), 0% circular; with
   ``--train-vision`` 29-31% after 8-16k; ``--items position``: 8k items, 24-38% single pass, 0% circular.
 """

@@ -388,7 +388,7 @@ class PhaseConfig:
 
 
 def shipped_phases() -> list[PhaseConfig]:
-    """The shipped base's continuation (README, Known limit): 20k text-only two-hop steps make the LM
+    """The shipped base's continuation (README, The bar): 20k text-only two-hop steps make the LM
     compose look-up and letter; 2 x 6000 steps of stream v7 give the images back and carry the
     choice to captions; 4000 steps of stream v8 add verify questions (MME's yes/no); 4000 steps of
     stream v9 add multiple choice in generic letter formats; 4000 steps each of streams v10, v11 and

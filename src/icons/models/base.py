@@ -8,7 +8,7 @@ The recipe has two parts. Phase 0 pretrains from random weights (``lm_examples``
 ``examples`` of the mixed stream, one schedule). Then each continuation phase runs under a fresh
 schedule: ``two_hop`` (text only, ``lm_phase``: the LM learns to compose look-up and letter, which
 needs about 12k steps) and ``stream`` (the mixed stream of a given version again, which gives the
-images back). The shipped phases are ``config.shipped_phases()`` (README, Known limit).
+images back). The shipped phases are ``config.shipped_phases()`` (README, The bar).
 """
 from __future__ import annotations
 

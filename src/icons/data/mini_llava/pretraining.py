@@ -21,10 +21,10 @@ order. A caption in cell order can be read off the image by position alone; in r
 shape after "A small red" and the place after "A small red circle" must be found in the image by
 content, which is what existence and attribute questions need. Continuing the shipped base on it
 for 3000 steps raised that look-up (``python -m icons.models.probe``: lookup_shape 59 -> 77%,
-lookup_position 35 -> 63%) and let 6000 existence questions teach POPE (50 -> 67%); README, Known limit.
+lookup_position 35 -> 63%) and let 6000 existence questions teach POPE (50 -> 67%); README, The bar.
 Stream version 7 is v6 plus (g) the two-hop choice in the facts form (``two_hop_example``), which a
 4-layer LM composes only after about 12k text-only steps (experiments/lm_lookup.py --two-hop), beside
-the caption-form choice at a larger share (README, Known limit: session 6).
+the caption-form choice at a larger share (README, The bar: session 6).
 
 Stream version 9 is v8 plus (i) multiple choice in several generic letter formats ("Options : A . 4
 B . 3 Answer with the letter .", "( A ) red ( B ) blue Which option is right ?", ...) over three
@@ -48,14 +48,14 @@ of the time on scenes), answered by a letter among candidates in stage-1's own f
 (``seen_choice_example``). A 7B LLM applies its language skills to whatever the projector feeds it;
 a 4-layer LM does not: fine-tuned on fresh image multiple-choice items alone, the v9 base reached
 MMBench circular 17.5% only after 16k of them (2.5% after 4k), and the pool holds about 1000
-(README, Known limit: session 11). It relaxes v10's rule: the answer is now only in the image.
+(README, The bar: session 11). It relaxes v10's rule: the answer is now only in the image.
 Stream version 12 is v11 with that choice at 20% and in any of MC_FORMATS (v11: stage-1's own
 format only), so the "A . x" option layout that the target tasks share with v9's text multiple
 choice now also comes with images; still no target task's instruction sentence.
 
 Stream version 8 is v7 plus (h) verify questions about a described scene or sign ("Context : ...
 Question : Is the circle red ?" -> yes/no): checking a stated colour, place, count or number
-against the context, what MME's yes/no pairs ask of the language model (README, Known limit:
+against the context, what MME's yes/no pairs ask of the language model (README, The bar:
 session 9).
 
 ``two_hop_stream`` is the text-only data of the base's ``two_hop`` continuation phase (the

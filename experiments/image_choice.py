@@ -49,21 +49,24 @@ def _conv(prompt: str, answer: str) -> list[dict]:
     return [{"from": "human", "value": "<image>\n" + prompt}, {"from": "gpt", "value": answer}]
 
 
+def _four_options(qa, rng: random.Random) -> dict:
+    """A record asking ``qa`` among four lettered options in the pool's wording."""
+    opts = mc_options(qa, rng, 4)
+    return {"conversations": _conv(mc_prompt(qa.question, opts) + MC_SUFFIX, LETTERS[opts.index(qa.answer)])}
+
+
 def train_item(rng: random.Random, items: str) -> tuple[dict, dict]:
     """(LLaVA record, image spec) of one training item."""
     if items == "colour":
         spec = sample_scene(rng, 1, 1)
-        qa = ask(spec, "color", rng)
-        opts = mc_options(qa, rng, 4)
-        return {"conversations": _conv(mc_prompt(qa.question, opts) + MC_SUFFIX, LETTERS[opts.index(qa.answer)])}, spec
+        return _four_options(ask(spec, "color", rng), rng), spec
     if items in ("number", "position"):  # one MMBench skill alone, 4 options, pool images
         spec = sample_sign(rng, "train") if items == "number" else sample_scene(rng)
         qa = ask(spec, items, rng)
         while qa is None:
             spec = sample_scene(rng)
             qa = ask(spec, items, rng)
-        opts = mc_options(qa, rng, 4)
-        return {"conversations": _conv(mc_prompt(qa.question, opts) + MC_SUFFIX, LETTERS[opts.index(qa.answer)])}, spec
+        return _four_options(qa, rng), spec
     rec = None
     while rec is None:
         rec = make_record("mc", rng)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU session (a lent H100/H200, ~10 minutes), run from the repo root with OUT set:
+# One prepared run on a GPU machine (an H100/H200, ~10 minutes), from the repo root with OUT set:
 #   OUT=/tmp/out bash experiments/gpu_session.sh
 # 1. issue #5: python -m icons.bench.throughput (LLaVA-1.5-7B-shaped, random weights, paper LoRA,
 #    kronecker 5120) -- examples/s, tokens/s, peak memory, GPU-hours for 665K;
@@ -44,11 +44,8 @@ curve() {
   OMP_NUM_THREADS=1 timeout $(left) python3 experiments/lm_lookup.py --device $DEV --eval-every $(( STEPS / 12 )) --out $OUT/lm_curves.jsonl "$@" \
     >> $OUT/logs.txt 2>&1
 }
-# (session 3 ran streams 3/4 here; copying at 45% (stream 5) is what moved the look-up curves.
-#  Session 6 on 2 CPU threads: from the shipped 4-layer base the two-hop composition that multiple
-#  choice needs stays at chance for 10k steps while both hops are learned, then appears (20k steps:
-#  96 / 82 / 71% with 2 / 3 / 4 candidates). Open: how a from-scratch base learns it inside the
-#  mixed stream, and whether larger fresh language models compose sooner.)
+# A base pretrained from scratch on stream v7, and two-hop curves of fresh language models at three
+# sizes (does a larger LM compose look-up and letter sooner?). Earlier curves: docs/findings.md.
 train_base c_s7 --stream 7 --lm-examples $LM --phases none &
 curve --two-hop --steps $STEPS &
 curve --two-hop --layers 6 --hidden 256 --heads 8 --steps $STEPS &

@@ -5,7 +5,7 @@ multiple-choice items about an image, drawn fresh each step (``--unique 0``) or 
 set (``--unique N``, like a pool), and prints, every ``--eval-every`` steps, one JSON line with
 MMBench-en and -cn accuracy on the benchmark's own test items: single pass and circular (all four
 rotations right), restricted to the option letters (teacher-forced, no generation).
-This is the diagnostic behind issue #2's MMBench bar (README, The bar: sessions 11 and 13).
+This is the diagnostic behind the miniature benchmark's MMBench bar (issue #2).
 
     python experiments/image_choice.py --init src/icons/assets/tiny_llava_base --steps 1000
 
@@ -14,18 +14,7 @@ since generator v7, the pool's wording); ``--items colour``: "What color is the 
 object, 4 options; ``--items number`` / ``position``: one MMBench skill alone (sign number or place),
 4 options, pool images. Each row also gives, per MMBench skill, [single pass, circular].
 ``--train-vision`` trains the vision tower too.
-Measured on 2 CPU threads (session 11, lr 1e-3, batch 16, 200 test items per task):
-- the v9 base learns single-object colour to 100% within 250 steps (4k items);
-- on fresh pool items, MMBench-en single / circular 33.4 / 2.5% after 4k items, 44.6 / 17.5% after
-  16k (cn 39.2 / 3.0%); the pool holds about 1000 multiple-choice records;
-- from the v10 base: 45.9 / 26.0% after 8k fresh items (cn 40.8 / 8.0%); 2000 unique items seen
-  four times: 41.2 / 16.0% (cn 37.2 / 1.0%).
-Session 13, the shipped (v12) base, 100 test items per task:
-- pool items (2-4 options then): circular 41.0 / 43.0% (en) and 40.0 / 41.0% (cn) after 8k / 16k
-  items (cn falls to 4.0% after 24k); colour, count and shape 56-100% circular, number and
-  position 0%;
-- ``--items number``: 16k items, number items 33-42% single pass (en), 0% circular; with
-  ``--train-vision`` 29-31% after 8-16k; ``--items position``: 8k items, 24-38% single pass, 0% circular.
+Measured curves (which bases learn which skills, after how many items): docs/findings.md.
 """
 from __future__ import annotations
 

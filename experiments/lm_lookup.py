@@ -3,8 +3,8 @@
 Trains only the language side of a fresh tiny LLaVA (text-only stage-1 stream, no images) and
 prints, every ``--eval-every`` steps, one JSON line with the teacher-forced context-QA accuracies
 of ``icons.models.probe`` (colour, shape, position, relation, ... looked up in a caption given as
-text). This is the diagnostic behind issue #2's foundation bar: a base whose LM cannot do this
-look-up answers POPE, MMBench and GQA near chance however it is fine-tuned.
+text). This is the diagnostic behind the miniature benchmark's bar (issue #2): a base whose LM
+cannot do this look-up answers POPE, MMBench and GQA near chance however it is fine-tuned.
 
     python experiments/lm_lookup.py --stream 4 --steps 20000 --device cuda --out curve.jsonl
 
@@ -14,19 +14,16 @@ Variants: ``--stream`` (text mix version, see data/mini_llava/pretraining.py), `
 ``--color-lookup FORMAT`` trains on one skill instead: "What color is the <shape> ?" about 2-4
 objects of distinct shapes described in FORMAT (``caption``: the benchmark's captions; ``simple``:
 "A red square ."), mixed with ``--copy`` of the copy task, and reports ``color_lookup`` accuracy.
-Measured on 2 CPU threads (session 3): caption format alone stays at 52-57% for 6000 steps
-(likewise without the size word or without positions, and "simple" for 1500); with half of the
-batches copying it reaches 72% at 500 steps and 85% at 1000.
 
 ``--letter-lookup`` trains the second hop of a multiple-choice answer alone ("Candidates : A = red ;
 B = blue . Which letter is blue ?"); ``--two-hop`` trains both hops composed ("Facts : red square .
 blue circle . Question : What color is the circle ? Candidates : A = blue ; B = red . Give the
 letter .") beside each hop alone and copying (pretraining.TWO_HOP_MIX: the base's ``two_hop``
-phase, the same loop, ``models.base.lm_phase``); ``--init`` starts from a checkpoint.
-Session 4 measured it with a one-off variant of this loop (from the shipped base, lr 1e-3, 2 CPU
-threads; letter look-up in half of the batches, copy 0.3, the two-hop stage-1 "choice" task 0.2):
-47 / 72 / 79 / 89% at 500 / 1000 / 2000 / 3000 steps (chance about 35%), while the two-hop task
-(look the answer up in the caption, then its letter) stayed at chance (4 candidates: 20% -> 34%).
+phase, the same loop, ``models.base.lm_phase``); ``--init`` starts from a checkpoint; ``--save DIR``
+keeps the trained model.
+
+Measured curves (colour look-up with and without copying, the letter look-up, the two-hop
+composition): docs/findings.md.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Bad input, one case per test: the reader/validator of LLaVA-format files (icons.data.llava_json)
-and the check over pool + task files (icons.check). Tiny synthetic files in tmp_path."""
+and the check over pool + task files (icons.data.check). Tiny synthetic files in tmp_path."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icons.check import DataSources, check_inputs, data_sources, task_name_problems
+from icons.data.check import check_inputs
+from icons.data.sources import DataSources, data_sources, task_name_problems
 from icons.config import ConfigError, validate
 from icons.data.encode import IGNORE, Encoder
 from icons.data.llava_json import (

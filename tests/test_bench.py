@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from icons.data.mini_llava.pretraining import TEXT_MIXES, base_example, base_stream, facts_example
-from icons.features.sharded import compute_device
+from icons.distributed import compute_device
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ from icons.data.benchmarks import convert
 from icons.data.llava_json import BadInputError
 from icons.influence import group_of
 from icons.io import read_json
-from icons.stages import Run, load_val, run_stages, stage_eval
+from icons.pipeline import Run, run_stages
+from icons.stages import load_val, stage_eval
 
 from .conftest import compose_config
 from .test_bad_input import png, rec, write_jsonl

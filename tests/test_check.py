@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 
 from icons.data.llava_json import BadInputError
 from icons.io import read_json, read_jsonl
-from icons.stages import LOCK_NAME, Run, RunDirLocked, load_pool, lock_run_dir, run_stages
+from icons.pipeline import LOCK_NAME, Run, RunDirLocked, lock_run_dir, run_stages
+from icons.stages import load_pool
 
 from .conftest import compose_config
 from .test_bad_input import png, rec, write_json, write_jsonl
@@ -38,7 +40,8 @@ def user_pool(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "pool.jsonl", records)
 
 
-def test_check_stage_alone_passes_on_the_mini_llava_benchmark(tmp_path, icons_cache, capsys):
+def test_check_stage_alone_passes_on_the_mini_llava_benchmark(tmp_path, icons_cache, caplog):
+    caplog.set_level(logging.INFO, logger="icons")
     cfg = _cfg("stages=[check]")
     out = run_stages(cfg, tmp_path / "run")
     m = out["check"]
@@ -50,10 +53,11 @@ def test_check_stage_alone_passes_on_the_mini_llava_benchmark(tmp_path, icons_ca
     assert all(f["ok"] == f["records"] > 0 for f in summary["files"])
     assert (tmp_path / "run" / "check" / "problems.jsonl").read_text() == ""
     assert not (tmp_path / "run" / "data").exists()  # only the check ran
-    printed = capsys.readouterr().out
-    assert "[icons] check: pool " in printed and "240 records" in printed and "0 problem(s)" in printed
+    logged = caplog.text  # logged through `logging` (the CLI shows it as "[icons] check: ...")
+    assert "check: pool " in logged and "240 records" in logged and "0 problem(s)" in logged
+    caplog.clear()
     run_stages(cfg, tmp_path / "run")  # rerun: the finished check is skipped
-    assert "passed before" in capsys.readouterr().out
+    assert "passed before" in caplog.text
 
 
 def test_check_is_the_first_default_stage():
@@ -61,7 +65,8 @@ def test_check_is_the_first_default_stage():
     assert list(cfg.stages)[:2] == ["check", "data"]
 
 
-def test_check_stage_on_a_bad_user_pool_stops_naming_the_first_problem(tmp_path, icons_cache, user_pool, capsys):
+def test_check_stage_on_a_bad_user_pool_stops_naming_the_first_problem(tmp_path, icons_cache, user_pool, caplog):
+    caplog.set_level(logging.INFO, logger="icons")
     cfg = _cfg("stages=[check,data]", "data=llava_json", f"data.path={user_pool}",
                f"data.image_root={tmp_path / 'images'}")
     with pytest.raises(BadInputError) as info:
@@ -75,7 +80,7 @@ def test_check_stage_on_a_bad_user_pool_stops_naming_the_first_problem(tmp_path,
         (1, "u-1", "missing_image"), (2, "u-2", "empty_conversations"), (4, "u-0", "duplicate_id")]
     assert not (tmp_path / "run" / "check" / "manifest.json").exists()  # a failed check is not 'finished'
     assert not (tmp_path / "run" / "data").exists()  # nothing after the check ran
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "6 records (4 with image, 2 text-only): 3 ok, 3 bad" in printed
     assert "problems: duplicate_id=1, empty_conversations=1, missing_image=1" in printed
     assert "repaired: image_token_inserted=1" in printed and "converted to RGB: RGBA=1" in printed
@@ -170,7 +175,7 @@ def test_second_run_on_the_same_run_dir_stops(tmp_path):
 
 def test_lock_of_a_killed_run_does_not_block(tmp_path):
     run_dir = tmp_path / "run"
-    code = ("import sys, time; from icons.stages import lock_run_dir\n"
+    code = ("import sys, time; from icons.pipeline import lock_run_dir\n"
             "with lock_run_dir(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

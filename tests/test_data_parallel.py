@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from icons.config import ConfigError, accumulation, validate
+from icons.config import ConfigError, validate
 from icons.data.encode import Encoder
 import icons
-from icons.features.sharded import barrier, free_port, is_main_process, spawn
+from icons.distributed import accumulation, barrier, free_port, is_main_process, spawn
 from icons.io import read_json
 from icons.train import OptimConfig, ShuffledBatches, batches_for, even_split, fit
 from icons.warmup import load_checkpoint, run_warmup

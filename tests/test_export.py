@@ -15,6 +15,7 @@ from icons.config import LMMS_EVAL_TASKS, ConfigError, validate
 from icons.data.encode import Encoder, collate
 from icons.io import read_json, write_json
 from icons.models import llava15, tiny_llava
+from icons.models.template import TEMPLATES, VICUNA_SYSTEM, adds_bos
 from icons.models.lora import add_lora
 
 from .test_llava15 import RECORD, parts  # noqa: F401 - the tiny LLaVA-1.5 parts fixture
@@ -173,7 +174,7 @@ def test_vicuna_export_equals_unmerged_lora_with_llava_preprocessing(parts, tmp_
     prompt = proc.tokenizer.apply_chat_template([{"role": "user", "content": f"<image>\n{q1}"}], tokenize=False,
                                                 add_generation_prompt=True)
     # LLaVA-1.5's vicuna_v1; <s> written by the template as this tokenizer does not add it (test below)
-    assert prompt == f"<s>{llava15.SYSTEM} USER: <image>\n{q1} ASSISTANT:"
+    assert prompt == f"<s>{VICUNA_SYSTEM} USER: <image>\n{q1} ASSISTANT:"
     ids = proc(text=prompt, images=image, return_tensors="pt")["input_ids"][0].tolist()
     first = {**RECORD, "conversations": RECORD["conversations"][:2]}
     assert ids == enc.encode(first, with_answer=False).input_ids and ids.count(merged.config.image_token_id) == 4
@@ -193,12 +194,12 @@ def test_template_leaves_bos_to_a_tokenizer_that_adds_it(parts):  # noqa: F811
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(parts["llm"])
-    assert not ex.adds_bos(tok)
+    assert not adds_bos(tok)
     tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
-    assert ex.adds_bos(tok)
-    tok.chat_template = ex.template_for("vicuna_v1", tok)
+    assert adds_bos(tok)
+    tok.chat_template = TEMPLATES["vicuna_v1"].jinja(bos=not adds_bos(tok))
     text = tok.apply_chat_template([{"role": "user", "content": "What is red?"}], tokenize=False, add_generation_prompt=True)
-    assert text == f"{llava15.SYSTEM} USER: What is red? ASSISTANT:"
+    assert text == f"{VICUNA_SYSTEM} USER: What is red? ASSISTANT:"
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
 
@@ -231,7 +232,8 @@ def test_lmms_eval_command_lists_the_ten_benchmarks(tmp_path):
 
 def test_stage_exports_trained_models_and_report_lists_them(tiny, compose_cfg):
     from icons.report import export_lines, exports, write_report
-    from icons.stages import Run, stage_export
+    from icons.pipeline import Run
+    from icons.stages import stage_export
 
     tok, model, root = tiny
     tiny_llava.save(model.merge_and_unload(), tok, root / "train" / "model")  # what the train stage writes
@@ -262,3 +264,52 @@ def test_export_config(compose_cfg):
         validate(compose_cfg(["selectors=[full]", "export.selectors=[random]"]))
     with pytest.raises(ConfigError, match="export.num_processes=0 must be > 0"):
         validate(compose_cfg(["export.num_processes=0"]))
+
+
+# ---------------------------------------------------------------- one prompt: the exported template = the encoder
+CONVERSATIONS = {
+    "image, one turn": {"id": "a", "image": "img.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is red?"}, {"from": "gpt", "value": "blue"}]},
+    "image, two turns": {"id": "b", "image": "img.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is red?"}, {"from": "gpt", "value": "blue"},
+        {"from": "human", "value": "yes or no?"}, {"from": "gpt", "value": "no"}]},
+    "text only, two turns": {"id": "c", "conversations": [
+        {"from": "human", "value": "What is red?"}, {"from": "gpt", "value": "a cat"},
+        {"from": "human", "value": "yes or no?"}, {"from": "gpt", "value": "yes"}]},
+}
+
+
+def _messages(record: dict) -> list[dict]:
+    """The record as lmms-eval's llava_hf sends it: string contents, '<image>\\n' before the question."""
+    return [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+            for t in record["conversations"]]
+
+
+def _processor_ids(proc, record, image, generation: bool) -> list[int]:
+    msgs = _messages(record)[:-1] if generation else _messages(record)
+    text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+    images = image if "image" in record else None
+    return proc(text=text, images=images, return_tensors="pt")["input_ids"][0].tolist()
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+@pytest.mark.parametrize("template", ["tiny", "vicuna_v1"])
+def test_exported_chat_template_tokenizes_as_the_training_encoder(template, name, tiny, parts):  # noqa: F811
+    """Training, feature extraction and evaluation encode through one template definition
+    (models/template.py); the exported processor's chat template renders the same text, so lmms-eval's
+    prompts tokenize to exactly the ids icons trained on: whole conversations and generation prompts."""
+    record = CONVERSATIONS[name]
+    if template == "tiny":
+        tok, model, root = tiny
+        enc = Encoder(tok, tiny_llava.n_image_tokens(32, 8), 32, 160, root)
+        ip = ex.image_processor_for("tiny", 32)
+    else:
+        model, tok, pre = _llava15_lora(parts, "float32")
+        root = parts["root"]
+        enc = llava15.Encoder(tok, pre, 4, 256, root)
+        ip = ex.image_processor_for("vicuna_v1", 28, llava15.image_processor(parts["vision"]))
+    ex.export(model, tok, ip, root / f"out-{template}", template, key="k")
+    _, proc = _reload(root / f"out-{template}")
+    image = Image.open(root / "img.png")
+    assert _processor_ids(proc, record, image, generation=False) == enc.encode(record).input_ids
+    assert _processor_ids(proc, record, image, generation=True) == enc.encode(record, with_answer=False).input_ids

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from icons.data.encode import Encoder, collate
-from icons.features.extract import extract, load_group_scores
+from icons.features.extract import extract
+from icons.features.store import load_group_scores
 from icons.features.grads import reference_grads
 from icons.features.projection import Rademacher
 from icons.influence import MERGE, combine_checkpoints, direct_scores, group_means, task_table
@@ -136,7 +137,7 @@ def test_checkpoint_weights_are_normalised_learning_rates():
 def _whole_model_reference(model, tok, moments, projection, dim, seed, batch_size):
     """The whole-model path, written out: the (B, D) gradient, Adam on the flat vector with the
     concatenated moments, the projection of the concatenation, then normalise and score."""
-    from icons.features.extract import batch_plan
+    from icons.features.plan import batch_plan
     from icons.features.grads import PerExampleGrads
     from icons.features.projection import make_projection
     from icons.influence import adam_precondition, group_of, normalise_rows
@@ -186,7 +187,7 @@ def test_token_budget_batches_give_the_same_scores(setup, tmp_path):
     tok, model, moments, _ = setup
     enc = Encoder(tok, 16, 32, 160)
     extract(model, enc, POOL, VAL, tmp_path / "a", moments, "none", 0, 0, batch_size=4)
-    from icons.features.extract import batch_plan
+    from icons.features.plan import batch_plan
 
     lengths = [min(enc.length(r), enc.max_length) for r in POOL]
     assert batch_plan(lengths, 4, max_tokens=40) != batch_plan(lengths, 4)  # the budget splits batches
@@ -194,3 +195,30 @@ def test_token_budget_batches_give_the_same_scores(setup, tmp_path):
     assert meta["complete"] and meta["max_tokens"] == 40
     np.testing.assert_allclose(np.load(tmp_path / "b" / "pool_scores.npy"), np.load(tmp_path / "a" / "pool_scores.npy"),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_resumed_extraction_progress_bar_starts_where_the_run_left_off(setup, tmp_path, monkeypatch):
+    """A killed feature stage resumes from its done mask; Lightning's bar counts the batches done."""
+    from icons import predict
+
+    tok, model, moments, _ = setup
+    enc = Encoder(tok, 16, 32, 160)
+    extract(model, enc, POOL, VAL, tmp_path, moments, "none", 0, 0, batch_size=2)  # 3 pool batches
+    first = load_group_scores(tmp_path)[0].copy()
+    done = np.load(tmp_path / "pool_done.npy")
+    done[[0, 3]] = False  # two rows of (at most) two batches were lost
+    np.save(tmp_path / "pool_done.npy", done)
+    (tmp_path / "meta.json").unlink()
+    seen = []
+    real = predict.ResumedProgressBar.on_predict_batch_start
+
+    def record(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        real(self, trainer, pl_module, batch, batch_idx, dataloader_idx)
+        seen.append((self.label, self.predict_progress_bar.initial, self.predict_progress_bar.total))
+
+    monkeypatch.setattr(predict.ResumedProgressBar, "on_predict_batch_start", record)
+    meta = extract(model, enc, POOL, VAL, tmp_path, moments, "none", 0, 0, batch_size=2)
+    pool_bars = {(i, t) for label, i, t in seen if label == "features: pool"}
+    todo = meta["rows_done"] // 2
+    assert pool_bars == {(3 - todo, 3)} and 1 <= todo <= 2
+    np.testing.assert_allclose(load_group_scores(tmp_path)[0], first, rtol=1e-5, atol=1e-7)

@@ -12,12 +12,15 @@ from PIL import Image
 from icons.config import ConfigError, validate
 from icons.data.encode import IGNORE, collate
 from icons.models import llava15
+from icons.models.template import TEMPLATES, VICUNA_SYSTEM
+
+VICUNA = TEMPLATES["vicuna_v1"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SYSTEM_WORDS = ("A chat between a curious user and an artificial intelligence assistant . The assistant gives "
                 "helpful , detailed , and polite answers to the user ' s questions .").split()
-CORPUS = [llava15.SYSTEM, "USER: ASSISTANT: What is red? blue yes or no? green a cat dog on the mat"]
+CORPUS = [VICUNA_SYSTEM, "USER: ASSISTANT: What is red? blue yes or no? green a cat dog on the mat"]
 
 
 def _tokenizer():
@@ -247,14 +250,14 @@ def test_square_image_unchanged_and_grey_converted():
 
 # ---------------------------------------------------------------- conversation template
 def test_prompt_text():
-    turns = llava15._turns(RECORD, with_answer=True)
-    text, spans = llava15.prompt(turns)
-    assert text == (llava15.SYSTEM + " USER: <image>\nWhat is red? ASSISTANT: blue</s>USER: yes or no? "
+    turns = VICUNA.turns(RECORD, with_answer=True)
+    text, spans = VICUNA.render(turns)
+    assert text == (VICUNA_SYSTEM + " USER: <image>\nWhat is red? ASSISTANT: blue</s>USER: yes or no? "
                     "ASSISTANT: no</s>")
     assert [text[a:b] for a, b in spans] == ["blue</s>", "no</s>"]
-    gen, _ = llava15.prompt(llava15._turns(RECORD, with_answer=False))
+    gen, _ = VICUNA.render(VICUNA.turns(RECORD, with_answer=False))
     assert gen.endswith("USER: yes or no? ASSISTANT:")
-    assert llava15.SYSTEM == ("A chat between a curious user and an artificial intelligence assistant. "
+    assert VICUNA_SYSTEM == ("A chat between a curious user and an artificial intelligence assistant. "
                               "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
@@ -352,7 +355,8 @@ def test_config_kind_llava_1_5(compose_cfg):
 
 
 def test_stages_assemble_the_base_and_load_a_saved_checkpoint(parts, assembled, compose_cfg, tmp_path):
-    from icons.stages import Run, load_base, stage_base
+    from icons.pipeline import Run
+    from icons.stages.base import load_base, stage_base
 
     def base_of(overrides, run_dir):
         cfg = compose_cfg(overrides)
@@ -390,7 +394,8 @@ def test_stages_assemble_the_base_and_load_a_saved_checkpoint(parts, assembled, 
 
 
 def test_stage_base_names_a_missing_part(parts, compose_cfg, tmp_path):
-    from icons.stages import Run, stage_base
+    from icons.pipeline import Run
+    from icons.stages import stage_base
 
     cfg = compose_cfg(_llava_overrides(parts) + [f"model.vision_path={tmp_path / 'missing'}"])
     with pytest.raises(FileNotFoundError, match="model.vision_path"):
@@ -469,7 +474,8 @@ def _fake_run(root: Path, pool_ids: list[str], pool_file: Path) -> Path:
 
 def test_selection_from_run(compose_cfg, tmp_path):
     from icons.io import read_json, write_json
-    from icons.stages import Run, stage_select
+    from icons.pipeline import Run
+    from icons.stages import stage_select
 
     ids = [f"r{i}" for i in range(10)]
     src = tmp_path / "run7b"

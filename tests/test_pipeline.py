@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from icons.models.base import pretrain_base
-from icons.stages import run_stages
+from icons.pipeline import run_stages
 
 from .conftest import REPO_ROOT, compose_config
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from icons.data import llava_json
+from icons.data import records as records_mod
 from icons.data.llava_json import BadInputError, PoolFileError, iter_records, scan_file
 from icons.data.pool import LazyPool, build_index, index_file
 from icons.io import read_json
-from icons.stages import Run, load_pool, run_stages
+from icons.pipeline import Run, run_stages
+from icons.stages import load_pool
 
 from .conftest import compose_config
 from .test_bad_input import png
@@ -108,7 +110,7 @@ def test_json_read_in_small_chunks_gives_the_same_records(tmp_path, monkeypatch,
     """Chunk edges fall inside multi-byte characters, strings, numbers and literals."""
     recs = records() + [{"id": "n", "x": [12345678901, -1.5e-3, True, False, None]}]
     path = write_pool(tmp_path / "pool.json", recs, indent=1)
-    monkeypatch.setattr(llava_json, "CHUNK", chunk)
+    monkeypatch.setattr(records_mod, "CHUNK", chunk)
     assert [r for _, _, r, _ in iter_records(path)] == recs
     monkeypatch.undo()
     assert np.array_equal(build_index(path), build_index(path))
@@ -244,7 +246,8 @@ def test_generated_pool_is_read_lazily_too(tmp_path, icons_cache):
 def test_features_of_a_lazy_pool_equal_those_of_the_list(tmp_path):
     """The features stage takes the lazy pool in place of the list: same rows, same ids."""
     from icons.data.encode import Encoder
-    from icons.features.extract import extract, load_group_scores
+    from icons.features.extract import extract
+    from icons.features.store import load_group_scores
 
     from .test_features import POOL, VAL
     from .tiny_lora import tiny_lora_model

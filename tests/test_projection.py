@@ -322,7 +322,8 @@ def _records():
 
 def test_kronecker_store_uses_one_map_for_pool_and_validation(tiny, tmp_path):
     from icons.data.encode import Encoder, collate
-    from icons.features.extract import extract, feature_meta, load_group_scores
+    from icons.features.extract import extract
+    from icons.features.store import feature_meta, load_group_scores
     from icons.features.grads import lora_parameters, reference_grads
     from icons.influence import direct_scores
 
@@ -349,7 +350,8 @@ def test_kronecker_store_uses_one_map_for_pool_and_validation(tiny, tmp_path):
 
 def test_scoring_refuses_features_from_different_projections(tiny, tmp_path):
     from icons.data.encode import Encoder
-    from icons.features.extract import check_feature_dirs, extract, score_stored
+    from icons.features.extract import extract
+    from icons.features.store import check_feature_dirs, score_stored
 
     tok, model = tiny
     pool, val = _records()

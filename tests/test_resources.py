@@ -9,7 +9,8 @@ import torch
 
 from icons.data.encode import Encoder
 from icons.features import extract as extract_mod
-from icons.features.extract import extract, load_group_scores
+from icons.features.extract import extract
+from icons.features.store import load_group_scores
 from icons.features.grads import PerExampleGrads
 from icons.io import ResourceError
 

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from icons.features.extract import batch_plan, load_group_scores, shard_plan
-from icons.features.sharded import dist_env, spawn
+from icons.features.plan import batch_plan, shard_plan
+from icons.features.store import load_group_scores
+from icons.distributed import dist_env, spawn
 
 from .tiny_lora import LORA, random_moments, tiny_lora_model
 QA = [("What is 3 plus 4 ?", "3 plus 4 is 7 ."), ("Is 5 even or odd ?", "5 is odd ."),
@@ -32,7 +33,7 @@ def _job(rank, world_size, runs):
     other rank (a job whose other rank died)."""
     from icons.data.encode import Encoder
     from icons.features.extract import extract
-    from icons.features.sharded import extract_distributed
+    from icons.features.extract import extract_distributed
 
     tok, model = tiny_lora_model(LORA)
     moments = random_moments(model)

@@ -57,7 +57,8 @@ def test_label_masking(tok, tmp_path):
 
 
 def test_processor_matches_encoder(tok, tmp_path):
-    """The fast encoder builds the same ids and pixels as the HF LlavaProcessor."""
+    """The encoder builds the same ids and pixels as the HF LlavaProcessor saved with the model
+    (its chat template writes <s>, as the tokenizer does not add it)."""
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     img.save(tmp_path / "y.png")
     proc = tiny_llava.build_processor(tok)
@@ -68,7 +69,7 @@ def test_processor_matches_encoder(tok, tmp_path):
          {"role": "assistant", "content": [{"type": "text", "text": "red"}]}])
     out = proc(images=[img], text=[text], return_tensors="pt")
     e = Encoder(tok, 16, 32, 160, tmp_path).encode(rec)
-    assert out["input_ids"][0].tolist() == e.input_ids[1:]  # the encoder adds <s>
+    assert out["input_ids"][0].tolist() == e.input_ids
     batch = collate([e], tok.pad_token_id)
     assert torch.allclose(out["pixel_values"], batch["pixel_values"], atol=1e-6)
 
@@ -113,7 +114,7 @@ def test_shipped_base_matches_the_default_config(compose_cfg):
     import json
 
     from icons.models.base import ASSET
-    from icons.stages import base_recipe, resolve_base
+    from icons.models.loading import base_recipe, resolve_base
 
     cfg = compose_cfg()
     assert json.loads((ASSET / "icons_base.json").read_text())["recipe"] == base_recipe(cfg)

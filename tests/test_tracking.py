@@ -108,3 +108,36 @@ def test_stage_run_finishes_the_run_even_when_the_stage_fails(compose_cfg, monke
             assert run == "run-warmup"
             raise RuntimeError("boom")
     assert finished == ["run-warmup"]
+
+
+def test_training_logs_loss_and_lr_live_through_lightnings_wandb_logger(compose_cfg, monkeypatch, tmp_path):
+    """Warmup and training hand their W&B run to Lightning (WandbLogger): loss and learning rate
+    are logged while training runs, and an offline run records its declared inputs in its config."""
+    import torch
+
+    from icons.data.encode import Encoder
+    from icons.train import OptimConfig, ShuffledBatches, fit
+
+    from .test_tiny_llava import _record
+    from .tiny_lora import tiny_lora_model
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = compose_cfg(["+experiment=smoke", "logger=wandb"])
+    (tmp_path / "x.png").write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "x.png")
+    tok, model = tiny_lora_model()
+    items = [Encoder(tok, 16, 32, 160, tmp_path).encode(_record("x.png"))] * 8
+    run = tracking.start_run(cfg, "train-test", tmp_path)
+    try:
+        tracking.use_files(run, "warmup", "warmup", [tmp_path / "x.png"])
+        assert run.config["inputs"] == {"warmup": "warmup"}
+        torch.manual_seed(0)
+        fit(model, ShuffledBatches(items, 2, 1, 0, tok.pad_token_id), OptimConfig(lr=1e-3, warmup_ratio=0.0),
+            logger=tracking.lightning_logger(run), log_every=1)
+    finally:
+        tracking.finish(run)
+    data = next(tracking.offline_dir(run).glob("*.wandb")).read_bytes()
+    assert b"train/loss" in data and b"train/lr" in data

@@ -13,10 +13,11 @@ from PIL import Image
 
 from icons.data.encode import IGNORE
 from icons.models import llava15
+from icons.models.template import TEMPLATES, VICUNA_SYSTEM
 
 spm = pytest.importorskip("sentencepiece")  # a dependency (pyproject); Vicuna's tokenizer needs it
 
-CORPUS = [llava15.SYSTEM, "USER: What is the color of the car? ASSISTANT: The car is red.",
+CORPUS = [VICUNA_SYSTEM, "USER: What is the color of the car? ASSISTANT: The car is red.",
           "Describe the image in detail.", "There are two dogs on the grass near a tree.",
           "Answer the question using a single word or phrase. Yes, no, 12 apples."]
 
@@ -80,7 +81,7 @@ def test_vicuna_tokenizer_loads_and_encodes_like_llava(vicuna_dir, tmp_path):
     enc = llava15.Encoder(tok, pre, n_image_tokens=4, max_length=512, image_root=tmp_path)
     for rec in RECORDS:
         e = enc.encode(rec)
-        text, spans = llava15.prompt(llava15._turns(rec, True))
+        text, spans = TEMPLATES["vicuna_v1"].render(TEMPLATES["vicuna_v1"].turns(rec, True))
         assert _collapse(e.input_ids, image_id) == _llava_ids(text, tok, image_id), rec["id"]
         assert e.input_ids.count(image_id) == (4 if "image" in rec else 0)
         answers = [t["value"] for t in rec["conversations"] if t["from"] == "gpt"]

@@ -16,11 +16,12 @@ import random
 import re
 from collections import Counter, defaultdict
 
-import torch
+import lightning as L
 
 from .data.encode import Encoder, collate
 from .data.mini_llava.families import LETTERS
 from .data.mini_llava.tasks import METRIC, mc_text
+from .predict import Rows, loader, predictor
 
 
 def normalise(text: str) -> str:
@@ -41,27 +42,46 @@ def token_f1(pred: str, ref: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-@torch.no_grad()
-def generate(model, encoder: Encoder, records: list[dict], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy answers for ``records`` (their last gpt turn is the reference and is not shown)."""
+class Generation(L.LightningModule):
+    """``predict_step``: greedy answers of one left-padded batch, as (record index, text) pairs."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int):
+        super().__init__()
+        self.model, self.tok, self.max_new_tokens = model, tokenizer, max_new_tokens
+
+    def predict_step(self, batch: Rows, batch_idx: int = 0):
+        inputs = {k: v.to(self.device) for k, v in batch.data.items()}
+        gen = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+        out = []
+        for i, row in zip(batch.idx, gen[:, inputs["input_ids"].shape[1]:].tolist()):
+            if self.tok.eos_token_id in row:
+                row = row[: row.index(self.tok.eos_token_id)]
+            out.append((i, self.tok.decode(row, skip_special_tokens=True)))
+        return out
+
+
+def generate(model, encoder: Encoder, records: list[dict], max_new_tokens: int, batch_size: int = 64,
+             trainer_cfg=None, label: str = "generate") -> list[str]:
+    """Greedy answers for ``records`` (their last gpt turn is the reference and is not shown), by a
+    Lightning prediction loop over batches of similar length (less padding)."""
     items = [encoder.encode(r, with_answer=False) for r in records]
-    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))  # less padding
-    out: list[str] = [""] * len(items)
-    tok = encoder.tok
-    model.eval()
-    device = next(model.parameters()).device
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        batch = collate([items[i] for i in idx], tok.pad_token_id, left_pad=True)
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    plan = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    pad = encoder.tok.pad_token_id
+
+    def make(rows):
+        batch = collate([items[i] for i in rows], pad, left_pad=True)
         batch.pop("labels")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = gen[:, batch["input_ids"].shape[1]:]
-        for i, row in zip(idx, new.tolist()):
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id)]
-            out[i] = tok.decode(row, skip_special_tokens=True)
+        return Rows(rows, batch)
+
+    model.eval()
+    out: list[str] = [""] * len(items)
+    preds = predictor(trainer_cfg, label, total=len(plan)).predict(Generation(model, encoder.tok, max_new_tokens),
+                                                                   loader(plan, make))
+    for batch in preds:
+        for i, text in batch:
+            out[i] = text
     return out
 
 
@@ -88,13 +108,13 @@ def rotations(task: str, rec: dict) -> list[tuple[dict, str]]:
 
 
 def evaluate_task(model, encoder: Encoder, task: str, records: list[dict], max_new_tokens: int,
-                  batch_size: int = 64) -> dict:
+                  batch_size: int = 64, trainer_cfg=None) -> dict:
     """{'score': percent, 'n': items, plus metric details, and 'predictions': one row per
     generated answer (id, prompt variant, prediction, reference, hit)} for one task's test records."""
     metric = METRIC[task]
     if metric == "circular":
         expanded = [(i, r, a) for i, rec in enumerate(records) for r, a in rotations(task, rec)]
-        preds = generate(model, encoder, [r for _, r, _ in expanded], max_new_tokens, batch_size)
+        preds = generate(model, encoder, [r for _, r, _ in expanded], max_new_tokens, batch_size, trainer_cfg, task)
         ok: dict[int, bool] = defaultdict(lambda: True)
         single = []
         for (i, _, a), p in zip(expanded, preds):
@@ -104,7 +124,7 @@ def evaluate_task(model, encoder: Encoder, task: str, records: list[dict], max_n
         rows = [_row(r, p, a, hit) for (_, r, a), p, hit in zip(expanded, preds, single)]
         return {"score": 100 * sum(ok.values()) / len(records), "n": len(records),
                 "single_pass": 100 * sum(single) / len(single), "predictions": rows}
-    preds = generate(model, encoder, records, max_new_tokens, batch_size)
+    preds = generate(model, encoder, records, max_new_tokens, batch_size, trainer_cfg, task)
     if metric == "exact":
         hits = [normalise(p) == normalise(r["answer"]) for p, r in zip(preds, records)]
         return {"score": 100 * sum(hits) / len(hits), "n": len(hits), "predictions": _rows(records, preds, hits)}

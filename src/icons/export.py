@@ -27,7 +27,6 @@ reused when it holds the same export (same key) and refused otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -36,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .config import LMMS_EVAL_TASKS, vicuna_template
+from .config import LMMS_EVAL_TASKS
+from .models.template import adds_bos, speaks_vicuna, template_named
 from .io import atomic_write_text, config_hash, read_json, write_json
 
 INFO = "icons_export.json"
@@ -50,68 +50,25 @@ class ExportExists(FileExistsError):
 
 
 # ---------------------------------------------------------------- prompt and images
-def _content(var: str) -> str:
-    """Jinja expression of a message's text: a string as it is (lmms-eval's, with its own
-    ``<image>\\n``), or a list of parts with the images first, as LLaVA moves them."""
-    images = f"({var} | selectattr('type', 'equalto', 'image') | list | length)"
-    texts = f"({var} | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' '))"
-    return f"({var} if {var} is string else '<image>\\n' * {images} ~ {texts})"
-
-
-def chat_template(system: str, bos: bool) -> str:
-    """``[<s>][SYSTEM ]USER: q ASSISTANT: a</s>USER: q2 ASSISTANT:`` (vicuna_v1's ``SeparatorStyle.TWO``;
-    the tiny model's is the same without a system prompt). A system message replaces ``system``.
-    ``bos``: write ``<s>`` when the tokenizer does not add it itself."""
-    return "".join([
-        "{% set ns = namespace(system=" + json.dumps(system) + ") %}",
-        "{% for m in messages if m['role'] == 'system' %}{% set ns.system = " + _content("m['content']") + " %}"
-        "{% endfor %}",
-        "{{ bos_token }}" if bos else "",
-        "{% if ns.system %}{{ ns.system }} {% endif %}",
-        "{% for m in messages if m['role'] != 'system' %}",
-        "{% if m['role'] == 'user' %}USER: {{ " + _content("m['content']") + " }} ",
-        "{% else %}ASSISTANT: {{ " + _content("m['content']") + " }}{{ eos_token }}{% endif %}",
-        "{% endfor %}",
-        "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
-    ])
-
-
-def adds_bos(tokenizer) -> bool:
-    ids = tokenizer.encode("a", add_special_tokens=True)
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
-def template_for(template: str, tokenizer) -> str:
-    from .models.llava15 import SYSTEM
-
-    if template not in ("tiny", "vicuna_v1"):
-        raise ValueError(f"template {template!r} is not one of tiny, vicuna_v1")
-    return chat_template(SYSTEM if template == "vicuna_v1" else "", bos=not adds_bos(tokenizer))
-
-
 def image_processor_for(template: str, image_size: int, clip=None):
-    """The evaluation image processor of a template. ``vicuna_v1``: ``clip`` (the vision tower's
-    CLIP image processor) with LLaVA-1.5's pad to a square first; ``tiny``: a plain resize to
-    ``image_size`` with the tiny model's mean/std 0.5."""
-    from transformers.image_utils import PILImageResampling
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
+    """The image processor a template's model was trained with. ``vicuna_v1``: LLaVA-1.5's pad to
+    a square, then ``clip`` (the vision tower's CLIP image processor); ``tiny``: the tiny model's
+    resize to ``image_size``."""
     if template == "tiny":
-        return CLIPImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
-                                     resample=PILImageResampling.BICUBIC, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        from .models.tiny_llava import image_processor
+
+        return image_processor(image_size)
     if clip is None:
         raise ValueError("template vicuna_v1 needs the vision tower's CLIP image processor")
-    d = clip.to_dict()
-    keys = ("size", "crop_size", "image_mean", "image_std", "resample", "do_resize", "do_center_crop", "do_rescale",
-            "rescale_factor", "do_normalize", "do_convert_rgb")
-    return LlavaImageProcessorPil(**{k: d[k] for k in keys if k in d}, do_pad=True)
+    from .models.llava15 import pad_processor
+
+    return pad_processor(clip)
 
 
 def model_image_processor(model_cfg):
     """The evaluation image processor of a ``model`` config (kind llava_1_5: the tower's; hf_llava
     with vicuna_v1: the checkpoint's)."""
-    if not vicuna_template(model_cfg):
+    if not speaks_vicuna(model_cfg):
         return image_processor_for("tiny", int(model_cfg.image_size))
     from .models.llava15 import image_processor, processor_dir
 
@@ -127,7 +84,7 @@ def build_processor(model, tokenizer, image_processor, template: str):
     cfg = model.config
     if cfg.vision_config.model_type != "clip_vision_model":
         raise ValueError(f"export supports CLIP vision towers, not {cfg.vision_config.model_type!r}")
-    tokenizer.chat_template = template_for(template, tokenizer)
+    tokenizer.chat_template = template_named(template).jinja(bos=not adds_bos(tokenizer))
     proc = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                           patch_size=cfg.vision_config.patch_size,
                           vision_feature_select_strategy=cfg.vision_feature_select_strategy,

@@ -1,8 +1,8 @@
 """Data-parallel training on Lightning strategies: ``trainer=ddp`` and ``trainer=fsdp``.
 
-Processes are started by ``torchrun`` (one node) or ``srun`` (SLURM), as for the features stage
-(``features/sharded.py``), never by Lightning itself: ``run_stages`` joins the process group the
-environment names before any stage, and Lightning finds it there.
+Processes are started by ``torchrun`` (one node) or ``srun`` (SLURM), never by Lightning itself
+(``distributed.py``): the runner joins the process group the environment names before any stage,
+and Lightning finds it there.
 
 **Global batch.** ``train.batch_size`` / ``warmup.batch_size`` are the global batch. The global
 batches and their order come from the seed alone; each is cut into world x accumulate
@@ -22,37 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from .features.sharded import dist_env
-
-
-def world_size(trainer_cfg) -> int:
-    return int(getattr(trainer_cfg, "devices", 1)) * int(getattr(trainer_cfg, "num_nodes", 1))
-
-
-def current_rank(world: int) -> int:
-    """This process's rank in a ``world``-process group (0 for a single process); raises when the
-    group that was launched has another size than the config says."""
-    import torch.distributed as dist
-
-    if world == 1:
-        return 0
-    if not dist.is_initialized() or dist.get_world_size() != world:
-        launched = dist.get_world_size() if dist.is_initialized() else 1
-        raise RuntimeError(f"trainer.devices x trainer.num_nodes = {world} processes, but {launched} were started")
-    return dist.get_rank()
-
-
-def check_launch(world: int) -> None:
-    """Lightning would start the other processes itself by re-running the whole command; icons
-    wants them from torchrun/srun (every stage is rank-aware, see ``stages.run_stages``)."""
-    import torch.distributed as dist
-
-    launched = dist.get_world_size() if dist.is_initialized() else dist_env()[1]
-    if world > 1 and launched != world:
-        raise RuntimeError(
-            f"trainer.devices x trainer.num_nodes = {world} processes but {launched} started: launch with "
-            f"`torchrun --nproc_per_node={world} -m icons.run ...` (one node) or `srun --ntasks-per-node=...` "
-            f"(README, Real scale)")
 
 
 def is_fsdp(trainer) -> bool:
@@ -132,19 +101,17 @@ def trainable_state(trainer, module) -> dict[str, tuple[torch.Tensor, torch.Tens
 
 def load_adam_state(trainer, module, adam_state: dict[str, tuple[torch.Tensor, torch.Tensor]], step: int) -> None:
     """Resume Adam from full moments (name -> (exp_avg, exp_avg_sq)) at ``step``; under FSDP each
-    rank keeps its shard of them."""
+    rank keeps its shard of them (``module.group_index(name, n_groups)``: a parameter's group)."""
     opt = trainer.optimizers[0]
     if is_fsdp(trainer):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        from .train import group_index
 
         root = trainer.strategy.model
         full = {"state": {f"model.{n}": {"step": torch.tensor(float(step)), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
                           for n, (m, v) in adam_state.items()},
                 "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
                                   "params": [f"model.{n}" for n in module.trainable
-                                             if group_index(n, len(opt.param_groups)) == i]}
+                                             if module.group_index(n, len(opt.param_groups)) == i]}
                                  for i, g in enumerate(opt.param_groups)]}
         with _full_state_context(root, rank0_only=False):
             opt.load_state_dict(FSDP.optim_state_dict_to_load(root, opt, full))

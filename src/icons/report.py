@@ -1,4 +1,6 @@
-"""The study's report: per-task test scores by model, relative performance, wall time per stage.
+"""The study's report: per-task test scores by model, relative performance, subset composition,
+wall time per stage; as ``report.md``, ``report.json``, PNG figures in ``plots/`` and, on W&B, a
+table and images.
 
 Rows are named by selector (``base``, ``full``, ``random``, ``icons`` or the consensus variant)
 so scripts can parse the table; ``rel`` is the paper's relative performance (mean over tasks of
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import tracking
+from . import plots, tracking
 from .evaluate import relative
 from .export import INFO
 from .io import atomic_write_text, read_json, write_json
@@ -56,15 +58,17 @@ def export_lines(exported: dict[str, dict]) -> list[str]:
     return md
 
 
-def write_report(run) -> Path:
-    from .stages import selector_names
-
+def write_report(run, models: list[str] | None = None) -> Path:
+    """``models``: the report's rows (``base`` and the selectors), in order; None = every model
+    this run evaluated."""
     cfg, run_dir = run.cfg, run.run_dir
     tasks = list(cfg.tasks.names)
     stages = read_json(run_dir / "stages.json")
+    if models is None:
+        models = [k.split("/", 1)[1] for k in stages if k.startswith("eval/")]
     chance = read_json(run_dir / "eval" / "chance.json")
     scores = {n: read_json(Path(stages[f"eval/{n}"]["path"]) / "manifest.json")["scores"]
-              for n in ["base", *selector_names(cfg)] if f"eval/{n}" in stages}
+              for n in models if f"eval/{n}" in stages}
     cols, rows = score_table(tasks, scores, chance)
     md = [f"# icons report: {cfg.experiment_name}", "", f"run directory: `{run_dir}`", "",
           f"selection ratio {cfg.selection.ratio}; consensus {cfg.consensus.method} "
@@ -75,7 +79,7 @@ def write_report(run) -> Path:
           "evaluation. LLaVA-W: token F1. chance: a guesser that knows the answer format.", ""]
     md += _md_table(cols, rows)
     comp = {}
-    for name in selector_names(cfg):
+    for name in models:
         p = run_dir / "selection" / name / "subset" / "composition.json"
         if p.exists():
             comp[name] = read_json(p)
@@ -93,11 +97,19 @@ def write_report(run) -> Path:
     times = {k: v["wall_s"] for k, v in stages.items()}
     md += ["", "Wall time per stage (seconds, when first computed; shared results are reused):", ""]
     md += _md_table(["stage", "wall_s"], [[k, f"{v:.1f}"] for k, v in times.items()])
+    figures = plots.report_figures(run_dir / "plots", tasks, scores, chance, comp)
+    if figures:
+        md += ["", "Figures: " + ", ".join(f"[{k}](plots/{p.name})" for k, p in figures.items()), ""]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(md) + "\n")
     write_json(run_dir / "report.json", {"columns": cols, "rows": rows, "wall_s": times, "composition": comp,
-                                          "exports": exported})
+                                          "exports": exported, "figures": {k: str(p) for k, p in figures.items()}})
     with tracking.stage_run(cfg, "report", run_dir) as wrun:
+        for name in scores:  # lineage: the evaluations (and the subsets) the report is made of
+            art = stages[f"eval/{name}"].get("artifact")
+            if art:
+                tracking.use_files(wrun, art["name"], art["type"], art["files"])
         tracking.log_table(wrun, "report", cols, rows)
-        tracking.log_files(wrun, "report", "report", [path])
+        tracking.log_images(wrun, {f"report/{k}": p for k, p in figures.items()})
+        tracking.log_files(wrun, "report", "report", [path, run_dir / "report.json", *figures.values()])
     return path

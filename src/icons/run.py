@@ -11,6 +11,7 @@ directory is in use by another run, 4 not enough resources (disk for the feature
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -27,16 +28,30 @@ from omegaconf import DictConfig  # noqa: E402
 
 from .config import CONFIG_NAME, CONFIG_PATH, ConfigError, validate  # noqa: E402
 
+log = logging.getLogger("icons")
+
 
 def check_processes(cfg: DictConfig) -> None:
     """A torchrun/srun job's processes must agree on the run directory: Hydra's default is a
     timestamp each process takes for itself."""
-    from .features.sharded import dist_env
+    from .distributed import dist_env
 
     world = dist_env()[1]
     if world > 1 and not cfg.run_dir:
         raise ConfigError(f"config error: run_dir=null must be set for a job of {world} processes (torchrun/srun): "
                           f"each would pick its own timestamped directory")
+
+
+def quiet_libraries() -> None:
+    """Lightning's and transformers' info lines (and their warnings about settings icons chose on
+    purpose) would drown the pipeline's own; their warnings and errors still show."""
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def directories(cfg: DictConfig) -> tuple[Path, Path]:
@@ -55,21 +70,13 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         sys.exit(2)
-    import logging
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
-                 "lightning.fabric.utilities.rank_zero", "transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()
     from .data.llava_json import BadInputError
     from .io import ResourceError
-    from .stages import RunDirLocked, run_stages
+    from .pipeline import RunDirLocked, run_stages
 
     run_dir, study_dir = directories(cfg)
-    print(f"[icons] run directory: {run_dir}", flush=True)
+    log.info("run directory: %s", run_dir)
     try:
         run_stages(cfg, run_dir, study_dir)
     except BadInputError as err:  # one line: file, record position, id, field, what is wrong
@@ -83,8 +90,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(4)
     report = run_dir / "report.md"
     if report.exists():
-        print(report.read_text())
-        print(f"[icons] report written to {report}", flush=True)
+        print(report.read_text(), flush=True)
+        log.info("report written to %s", report)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ so stage code can call them unconditionally::
     run = tracking.start_run(cfg, "eval", run_dir)
     tracking.log_metrics(run, {"vqav2/acc": 0.41})
     tracking.log_table(run, "eval/per_task", ["task", "score"], [["vqav2", 0.41]])
-    tracking.log_files(run, "eval-icons", "eval", [run_dir / "eval" / "icons"])
+    tracking.log_files(run, "eval-icons", "eval", [run_dir / "eval" / "icons"])   # an output
+    tracking.use_files(run, "model-icons", "model", [model_dir])                   # an input (lineage)
     tracking.finish(run)
 
 W&B itself is imported lazily, so ``logger=none`` never imports it.
@@ -25,14 +26,19 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
+    "artifact",
     "config_dict",
     "finish",
+    "lightning_logger",
     "log_files",
+    "log_images",
     "log_metrics",
     "log_summary",
     "log_table",
     "offline_dir",
     "start_run",
+    "stage_run",
+    "use_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,6 +91,7 @@ def start_run(cfg: Any, stage: str, run_dir: Optional[PathLike] = None) -> Optio
     import wandb
 
     experiment = str(c.get("experiment_name") or "default")
+    overrides = sweep_overrides()
     directory = logger_cfg.dir or (str(run_dir) if run_dir is not None else None)
     if directory is not None:
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -93,7 +100,7 @@ def start_run(cfg: Any, stage: str, run_dir: Optional[PathLike] = None) -> Optio
         project=str(logger_cfg.project),
         group=str(logger_cfg.group or experiment),
         job_type=stage,
-        name=f"{experiment}-{stage}",
+        name=f"{experiment}-{stage}" + (f"[{','.join(overrides)}]" if overrides else ""),
         tags=[str(t) for t in (logger_cfg.tags or [])] or None,
         config=config_dict(c),
         dir=directory,
@@ -142,6 +149,38 @@ def _artifact_name(name: str) -> str:
     return cleaned[:128] or "artifact"
 
 
+#: files larger than this (and directories holding more) enter an artifact as references to their
+#: local path, not as copies: a 7B checkpoint or a 665K-record subset is never duplicated
+COPY_LIMIT = 64 << 20
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def artifact(name: str, type: str, paths: Iterable[PathLike], metadata: Optional[Mapping[str, Any]] = None):
+    """A ``wandb.Artifact`` of files and directories (missing ones skipped with a warning; large
+    ones as ``file://`` references without checksums); None when nothing exists. The same paths
+    give the same artifact (digest), which is how a later stage declares it as its input."""
+    import wandb
+
+    art = wandb.Artifact(_artifact_name(name), type=type, metadata=dict(metadata or {}))
+    added = 0
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            log.warning("artifact %s: %s does not exist; skipped", name, path)
+            continue
+        if _size(path) > COPY_LIMIT:
+            art.add_reference(path.resolve().as_uri(), name=path.name, checksum=False)
+        elif path.is_dir():
+            art.add_dir(str(path), name=path.name)
+        else:
+            art.add_file(str(path), name=path.name)
+        added += 1
+    return art if added else None
+
+
 def log_files(
     run: Optional[Any],
     name: str,
@@ -150,31 +189,69 @@ def log_files(
     metadata: Optional[Mapping[str, Any]] = None,
     aliases: Optional[Sequence[str]] = None,
 ) -> Optional[Any]:
-    """Log files and directories as one artifact (works offline; never ``use_artifact``).
-
-    Missing paths are skipped with a warning. Returns the artifact, or None
-    when ``run`` is None or nothing was added.
-    """
+    """Log files and directories as one artifact (an output of ``run``). Returns the artifact,
+    or None when ``run`` is None or nothing was added."""
     if run is None:
         return None
+    art = artifact(name, type, paths, metadata)
+    if art is None:
+        return None
+    run.log_artifact(art, aliases=list(aliases) if aliases else None)
+    return art
+
+
+def is_offline(run: Optional[Any]) -> bool:
+    return getattr(getattr(run, "settings", None), "mode", None) == "offline"
+
+
+def use_files(run: Optional[Any], name: str, type: str, paths: Iterable[PathLike]) -> Optional[Any]:
+    """Declare the artifact of these files (as an earlier stage logged it) an input of ``run``,
+    so W&B's lineage graph links the two stages. W&B refuses ``use_artifact`` offline; an offline
+    run records its inputs in its config (``inputs``) instead, and ``wandb sync`` then shows the
+    stages side by side without the edge (run online for the graph)."""
+    if run is None:
+        return None
+    art = artifact(name, type, paths)
+    if art is None:
+        return None
+    if is_offline(run):
+        inputs = dict(run.config.get("inputs") or {})
+        inputs[art.name] = type
+        run.config.update({"inputs": inputs}, allow_val_change=True)
+        return art
+    return run.use_artifact(art)
+
+
+def log_images(run: Optional[Any], images: Mapping[str, PathLike]) -> None:
+    """PNG figures as ``wandb.Image`` (key -> file)."""
+    if run is None or not images:
+        return
     import wandb
 
-    artifact = wandb.Artifact(_artifact_name(name), type=type, metadata=dict(metadata or {}))
-    added = 0
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            artifact.add_dir(str(path), name=path.name)
-            added += 1
-        elif path.is_file():
-            artifact.add_file(str(path), name=path.name)
-            added += 1
-        else:
-            log.warning("artifact %s: %s does not exist; skipped", name, path)
-    if not added:
-        return None
-    run.log_artifact(artifact, aliases=list(aliases) if aliases else None)
-    return artifact
+    run.log({k: wandb.Image(str(p)) for k, p in images.items()})
+
+
+def lightning_logger(run: Optional[Any]):
+    """Lightning's ``WandbLogger`` around an open stage run (None -> no logger)."""
+    if run is None:
+        return False
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(experiment=run)
+
+
+def sweep_overrides() -> list[str]:
+    """The job's Hydra overrides that name it in a sweep (not run_dir or hydra's own); [] outside
+    a Hydra app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return []
+        task = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - no Hydra app running
+        return []
+    return [o for o in task if not o.startswith(("run_dir=", "hydra.", "logger."))]
 
 
 @contextmanager

@@ -10,6 +10,7 @@ here are global; a step on W processes with accumulation is the same step as on 
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -18,11 +19,15 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from . import parallel
-from .config import accumulation
+from . import distributed
+from .distributed import accumulation
 from .data.encode import IGNORE, Encoded, Encoder, collate
 from .features.grads import per_example_loss, token_losses
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,13 +141,14 @@ class LlavaModule(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches
         if batch_idx % accumulate == 0:  # the first micro-batch of an optimizer step
             self.lrs.append(self.optimizers().param_groups[0]["lr"])
+            self.log("train/lr", self.lrs[-1], prog_bar=True, on_step=True, batch_size=1)
             self._step_loss = torch.zeros((), device=batch["input_ids"].device)
         share = self.loss_share(batch)
         self._step_loss = self._step_loss + share.detach()
         if (batch_idx + 1) % accumulate == 0:
             loss = self.trainer.strategy.reduce(self._step_loss, reduce_op="sum")  # the global batch's loss
             self.losses.append(float(loss))
-            self.log("train/loss", loss, prog_bar=False, on_step=True, batch_size=batch["input_ids"].shape[0])
+            self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
         # Lightning divides by `accumulate` and DDP/FSDP average over ranks: undo both, so the
         # summed gradient is the gradient of the global batch's loss
         return share * (accumulate * self.trainer.world_size)
@@ -155,6 +161,10 @@ class LlavaModule(L.LightningModule):
             opt, lambda s: lr_factor(s + self.start_step, self.total_steps, self.optim.warmup_ratio,
                                      self.optim.scheduler))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @staticmethod
+    def group_index(name: str, n_groups: int) -> int:
+        return group_index(name, n_groups)
 
     def on_train_start(self):
         # after the strategy has set the optimizer up (FSDP: over its shards)
@@ -204,7 +214,7 @@ class ShuffledBatches(torch.utils.data.IterableDataset):
                 yield order[i:i + self.batch_size]
 
     def __iter__(self) -> Iterator[dict]:
-        return self.micro_batches(parallel.current_rank(self.world_size))
+        return self.micro_batches(distributed.current_rank(self.world_size))
 
     def micro_batches(self, rank: int) -> Iterator[dict]:
         for rows in self.global_batches():
@@ -241,7 +251,8 @@ class StreamedBatches(torch.utils.data.IterableDataset):
 
 
 class Progress(L.Callback):
-    """One line about every tenth of the run (long CPU runs should not be silent); rank 0 only."""
+    """A log line about every tenth of the run, beside Lightning's progress bar: the job's log file
+    keeps the loss curve of a long run; rank 0 only."""
 
     def __init__(self, label: str, total: int, every: int | None = None):
         self.label, self.total = label, total
@@ -254,8 +265,8 @@ class Progress(L.Callback):
         step = len(module.losses)
         if step % self.every == 0 or step == self.total:
             recent = module.losses[-self.every:]
-            print(f"[icons] {self.label}: step {step}/{self.total} loss {sum(recent) / len(recent):.3f} "
-                  f"({time.time() - self.t0:.0f}s)", flush=True)
+            log.info("%s: step %d/%d loss %.3f (%.0fs)", self.label, step, self.total, sum(recent) / len(recent),
+                     time.time() - self.t0)
 
 
 class GatherModel(L.Callback):
@@ -269,31 +280,56 @@ class GatherModel(L.Callback):
             self.full = parallel.full_model_state(trainer)
 
 
+class StepBar(TQDMProgressBar):
+    """Lightning's bar, named after the run (not "Epoch 0": every run here is one pass over a
+    planned stream of steps), with the loss and learning rate but not the logger's version."""
+
+    def __init__(self, label: str, **kwargs):
+        super().__init__(**kwargs)
+        self.label = label
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(self.label)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
 def make_trainer(trainer_cfg=None, max_steps: int = -1, logger=False, callbacks=None,
-                 grad_clip: float = 0.0, accumulate: int = 1, model=None) -> L.Trainer:
+                 grad_clip: float = 0.0, accumulate: int = 1, model=None, log_every: int = 50,
+                 label: str = "train") -> L.Trainer:
     """``max_steps`` counts optimizer steps, each of ``accumulate`` micro-batches per rank;
-    ``model``: the model FSDP is to wrap (its layers are the FSDP units)."""
+    ``model``: the model FSDP is to wrap (its layers are the FSDP units); ``logger``: Lightning's
+    (``tracking.lightning_logger``: W&B) or False, written every ``log_every`` steps."""
     tc = trainer_cfg
-    parallel.check_launch(parallel.world_size(tc))
+    distributed.check_launch(distributed.world_size(tc))
+    callbacks = list(callbacks or [])
+    bar = bool(getattr(tc, "progress_bar", True))
+    if bar:  # about 200 refreshes a run: a log file stays small
+        callbacks.append(StepBar(label, refresh_rate=max(1, max_steps * accumulate // 200)))
     return L.Trainer(
         accelerator=getattr(tc, "accelerator", "cpu"), devices=getattr(tc, "devices", 1),
         num_nodes=getattr(tc, "num_nodes", 1), strategy=parallel.strategy(tc, model),
         precision=getattr(tc, "precision", "32-true"), max_steps=max_steps, max_epochs=1,
         accumulate_grad_batches=accumulate, use_distributed_sampler=False,  # ShuffledBatches shards itself
-        logger=logger, callbacks=callbacks or [], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=grad_clip or None,
-        num_sanity_val_steps=0, log_every_n_steps=50)
+        logger=logger, callbacks=callbacks, enable_checkpointing=False,
+        enable_progress_bar=bar, enable_model_summary=False, gradient_clip_val=grad_clip or None,
+        num_sanity_val_steps=0, log_every_n_steps=log_every)
 
 
 def fit(model, batches: torch.utils.data.IterableDataset, optim: OptimConfig, trainer_cfg=None,
-        logger=False, label: str = "train") -> LlavaModule:
+        logger=False, label: str = "train", log_every: int = 50) -> LlavaModule:
     """Train ``model`` in place on ``batches``; returns the module (losses and lrs per step). Under
     FSDP only rank 0's ``model`` holds the trained weights afterwards (the others are empty)."""
     steps = batches.steps
     module = LlavaModule(model, optim, steps)
     gather = GatherModel()
     trainer = make_trainer(trainer_cfg, steps, logger, callbacks=[Progress(label, steps), gather],
-                           grad_clip=optim.grad_clip, accumulate=batches.accumulate, model=model)
+                           grad_clip=optim.grad_clip, accumulate=batches.accumulate, model=model, log_every=log_every,
+                           label=label)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0)
     model.train()
     trainer.fit(module, loader)
@@ -309,4 +345,4 @@ def batches_for(items: list[Encoded], batch_size: int, epochs: int, seed: int, p
     """``ShuffledBatches`` split for the configured devices and micro-batch size."""
     return ShuffledBatches(items, batch_size, epochs, seed, pad_id, start_epoch,
                            micro_batch_size=getattr(trainer_cfg, "micro_batch_size", None),
-                           world_size=parallel.world_size(trainer_cfg))
+                           world_size=distributed.world_size(trainer_cfg))

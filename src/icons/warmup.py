@@ -16,6 +16,7 @@ wait for it, so a resumed run (on any number of processes) finds it whole.
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 import shutil
@@ -27,9 +28,11 @@ from safetensors.torch import load_file, save_file
 
 from . import parallel
 from .data.encode import LazyEncoded
-from .features.sharded import barrier, is_main_process
+from .distributed import barrier, is_main_process
 from .io import read_json, slow_point, write_json
-from .train import LlavaModule, OptimConfig, batches_for, make_trainer
+from .train import LlavaModule, OptimConfig, Progress, batches_for, make_trainer
+
+log = logging.getLogger(__name__)
 
 
 def warmup_ids(pool_ids: list, fraction: float, seed: int) -> list:
@@ -78,7 +81,7 @@ class EpochCheckpoints(L.Callback):
 
 
 def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, batch_size: int, lr: float,
-               seed: int, trainer_cfg=None) -> list[dict]:
+               seed: int, trainer_cfg=None, logger=False) -> list[dict]:
     """LoRA-train ``model`` (a peft model) on ``records``; returns the checkpoints' info.
 
     Resumes after the last whole ``checkpoint-<e>`` an interrupted earlier run left in ``out_dir``
@@ -96,7 +99,7 @@ def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, 
     if done:
         m, v, _ = load_checkpoint(model, done[-1])
         adam_state = {n: (m[n], v[n]) for n in m}
-        print(f"[icons] warmup: resuming after epoch {start_epoch} of {epochs} ({done[-1]})", flush=True)
+        log.info("warmup: resuming after epoch %d of %d (%s)", start_epoch, epochs, done[-1])
     optim = OptimConfig(lr=lr, warmup_ratio=0.03, scheduler="linear", weight_decay=0.0)
     batches = batches_for(items, batch_size, epochs, seed, encoder.tok.pad_token_id, trainer_cfg, start_epoch)
     if batches.steps == 0:
@@ -104,8 +107,8 @@ def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, 
     module = LlavaModule(model, optim, epochs * steps_per_epoch, start_epoch * steps_per_epoch, adam_state)
     cb = EpochCheckpoints(out_dir, steps_per_epoch)
     cb.saved = saved
-    trainer = make_trainer(trainer_cfg, batches.steps, callbacks=[cb], grad_clip=1.0, accumulate=batches.accumulate,
-                           model=model)
+    trainer = make_trainer(trainer_cfg, batches.steps, logger=logger, callbacks=[cb, Progress("warmup", batches.steps)],
+                           grad_clip=1.0, accumulate=batches.accumulate, model=model, label="warmup")
     torch.manual_seed(seed)
     model.train()
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))

@@ -45,7 +45,8 @@ def build_tokenizer(n_words: int = 2000):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ..models.llava15 import SYSTEM, add_image_token
+    from ..models.llava15 import add_image_token
+    from ..models.template import VICUNA_SYSTEM as SYSTEM
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])

@@ -1,9 +1,10 @@
 """LLaVA records -> token ids, labels and pixels; batching.
 
-Conversation layout (Vicuna-style, as the tiny model's chat template):
-  <s> USER: <image>*N question ASSISTANT: answer </s> USER: ... ASSISTANT: ... </s>
-Labels are -100 everywhere except the assistant answers and their </s> (LLaVA label masking), so
-an example's loss is the mean over its own answer tokens.
+One encoder for every model: the conversation template (``models/template.py``: ``tiny`` or
+LLaVA-1.5's ``vicuna_v1``) renders the record, ``<image>`` becomes the model's image tokens, and
+labels are -100 everywhere except the assistant answers and their ``</s>`` (LLaVA's label masking),
+so an example's loss is the mean over its own answer tokens. Training, feature extraction and
+evaluation all encode through it.
 """
 from __future__ import annotations
 
@@ -28,75 +29,106 @@ class Encoded:
     truncated: bool = False
 
 
-class Encoder:
-    def __init__(self, tokenizer, n_image_tokens: int, image_size: int, max_length: int,
+class ConversationEncoder:
+    """LLaVA records -> :class:`Encoded` through a :class:`~icons.models.template.ChatTemplate`.
+
+    The conversation is rendered as text (``template.render``), cut at each ``<image>`` (which
+    becomes ``n_image_tokens`` image tokens), each text chunk tokenized as a whole (as LLaVA's
+    ``tokenizer_image_token`` does) and every token inside an answer span kept in the labels: the
+    answer, and its ``</s>``. Answer tokens are found by character offsets, not by LLaVA's
+    tokenizer-specific length arithmetic. ``pixels(image)``: the model's image preprocessing."""
+
+    def __init__(self, tokenizer, template, n_image_tokens: int, max_length: int, image_size: int, pixels,
                  image_root: str | Path | None = None):
+        from ..models.template import IMAGE_TOKEN
+
         self.tok = tokenizer
+        self.template = template
         self.n_image = n_image_tokens
-        self.image_size = image_size
         self.max_length = max_length
+        self.image_size = image_size
+        self.pixels = pixels
         self.image_root = Path(image_root) if image_root is not None else None
-        self.image_id = tokenizer.image_token_id
-        self.user = tokenizer.convert_tokens_to_ids("USER:")
-        self.assistant = tokenizer.convert_tokens_to_ids("ASSISTANT:")
-        self._cache: dict[str, list[int]] = {}
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_id is None or self.image_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN!r} token (use llava15.add_image_token)")
+        if tokenizer.encode(template.sep2, add_special_tokens=False) != [tokenizer.eos_token_id]:
+            raise ValueError(f"the tokenizer does not encode {template.sep2!r} as its eos token; "
+                             f"the {template.name} template needs it")
+        if tokenizer.bos_token_id is None:
+            raise ValueError("the tokenizer has no bos token")
 
-    def text_ids(self, text: str) -> list[int]:
-        ids = self._cache.get(text)
-        if ids is None:
-            ids = self.tok.encode(text, add_special_tokens=False)
-            if len(self._cache) < 200_000:
-                self._cache[text] = ids
-        return ids
+    def _chunks(self, record: dict, with_answer: bool) -> tuple[list[str], list[tuple[int, int]]]:
+        from ..models.template import IMAGE_TOKEN
 
-    def _human(self, text: str) -> list[int]:
-        ids = [self.user]
-        parts = text.split("<image>")
-        for k, part in enumerate(parts):
+        text, spans = self.template.render(self.template.turns(record, with_answer))
+        return text.split(IMAGE_TOKEN), spans
+
+    def _ids_labels(self, record: dict, with_answer: bool) -> tuple[list[int], list[int]]:
+        from ..models.template import IMAGE_TOKEN
+
+        chunks, spans = self._chunks(record, with_answer)
+        ids, labels = [self.tok.bos_token_id], [IGNORE]
+        pos = 0
+        for k, chunk in enumerate(chunks):
             if k:
                 ids += [self.image_id] * self.n_image
-            ids += self.text_ids(part)
-        return ids + [self.assistant]
+                labels += [IGNORE] * self.n_image
+                pos += len(IMAGE_TOKEN)
+            if chunk:
+                enc = self.tok(chunk, add_special_tokens=False, return_offsets_mapping=True)
+                for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+                    a, b = a + pos, b + pos
+                    answer = any(a < e and b > s for s, e in spans)
+                    ids.append(tid)
+                    labels.append(tid if answer and with_answer else IGNORE)
+            pos += len(chunk)
+        return ids, labels
 
     def load_image(self, record: dict) -> np.ndarray | None:
         path = image_path(record, self.image_root)
         if path is None:
             return None
         with Image.open(path) as im:
-            return pixels_uint8(im, self.image_size)
+            return self.pixels(im)
 
     def length(self, record: dict) -> int:
-        """Token count of the whole conversation (before truncation), without decoding the image:
-        what length-bucketed batch plans need."""
-        n = 1
-        for t in record["conversations"]:
-            if t["from"] == "human":
-                n += len(self._human(t["value"]))
-            else:
-                n += len(self.text_ids(t["value"])) + 1
-        return n
+        """Token count of the whole conversation (image tokens included, before truncation),
+        without decoding the image: what length-bucketed batch plans need. A conversation ending
+        with the user's turn counts its generation prompt."""
+        chunks, _ = self._chunks(record, True)
+        n = 1 + (len(chunks) - 1) * self.n_image
+        return n + sum(len(self.tok.encode(c, add_special_tokens=False)) for c in chunks if c)
 
     def encode(self, record: dict, with_answer: bool = True, pixels: np.ndarray | None = None,
                load_image: bool = True) -> Encoded:
         """Whole conversation (training) or, with ``with_answer=False``, the prompt up to the
         last assistant answer (generation). ``load_image=False``: tokens only (pixels None)."""
-        conv = record["conversations"]
-        ids, labels = [self.tok.bos_token_id], [IGNORE]
-        turns = conv if with_answer else conv[:-1]
-        for t in turns:
-            if t["from"] == "human":
-                h = self._human(t["value"])
-                ids += h
-                labels += [IGNORE] * len(h)
-            else:
-                a = self.text_ids(t["value"]) + [self.tok.eos_token_id]
-                ids += a
-                labels += a
-        if not with_answer:
-            labels = [IGNORE] * len(ids)
-        if pixels is None and load_image:
+        from ..models.template import IMAGE_TOKEN
+
+        n_tokens = sum(t["value"].count(IMAGE_TOKEN) for t in record["conversations"])
+        if n_tokens > 1:
+            raise ValueError(f"record {record.get('id')!r}: {n_tokens} {IMAGE_TOKEN} tokens; one image per record")
+        if n_tokens and record.get("image") is None and pixels is None:
+            raise ValueError(f"record {record.get('id')!r}: {IMAGE_TOKEN} in the text but no image")
+        ids, labels = self._ids_labels(record, with_answer)
+        if pixels is None and load_image and self.image_id in ids:
             pixels = self.load_image(record)
         return within_length(record, ids, labels, pixels, self.image_id, self.max_length)
+
+
+class Encoder(ConversationEncoder):
+    """The tiny model's encoder: the ``tiny`` template, images resized to ``image_size`` and kept
+    as HWC uint8 (``tiny_llava.pixels_uint8``; normalised when a batch is collated)."""
+
+    def __init__(self, tokenizer, n_image_tokens: int, image_size: int, max_length: int,
+                 image_root: str | Path | None = None):
+        from functools import partial
+
+        from ..models.template import TEMPLATES
+
+        super().__init__(tokenizer, TEMPLATES["tiny"], n_image_tokens, max_length, image_size,
+                         partial(pixels_uint8, image_size=image_size), image_root)
 
 
 def image_path(record: dict, image_root: Path | None) -> Path | None:

@@ -8,7 +8,8 @@ The recipe has two parts. Phase 0 pretrains from random weights (``lm_examples``
 ``examples`` of the mixed stream, one schedule). Then each continuation phase runs under a fresh
 schedule: ``two_hop`` (text only, ``lm_phase``: the LM learns to compose look-up and letter, which
 needs about 12k steps) and ``stream`` (the mixed stream of a given version again, which gives the
-images back). The shipped phases are ``config.shipped_phases()`` (README, The bar).
+images back). The shipped phases are ``config.shipped_phases()``, the default of
+``model.pretrain.phases`` (``docs/findings.md`` records what each one added).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ..data.encode import Encoder
 from ..data.mini_llava import tokenizer_corpus
 from ..data.mini_llava.pretraining import STREAM_VERSION, TEXT_MIXES, base_stream, two_hop_stream
 from ..data.mini_llava.scenes import render
+from ..config import ModelConfig, PhaseConfig
 from ..io import read_json, write_json
 from ..train import OptimConfig, StreamedBatches, fit, lr_factor
 from . import tiny_llava
@@ -67,8 +69,6 @@ def phase_dicts(phases) -> list[dict]:
     """Phases as plain dicts (from PhaseConfig objects, DictConfigs or dicts), validated."""
     from omegaconf import DictConfig, OmegaConf
 
-    from ..config import PhaseConfig
-
     out = []
     for p in phases or []:
         if isinstance(p, DictConfig):
@@ -95,14 +95,23 @@ def run_phase(model, enc: Encoder, phase: dict, batch_size: int, text_qa_fractio
     return fit(model, batches, optim, trainer_cfg, label=f"stage-1 base, {phase['kind']} v{phase['stream']}").losses
 
 
-def pretrain_base(out_dir: str | Path, examples: int = 288_000, batch_size: int = 32, lr: float = 2e-3,
-                  seed: int = 0, text_qa_fraction: float = 0.5, image_size: int = 32, patch_size: int = 8,
-                  vision_hidden: int = 96, vision_layers: int = 2, text_hidden: int = 160,
-                  text_layers: int = 4, text_heads: int = 4, max_length: int = 160, loss: str = "token_mean",
-                  stream: int = STREAM_VERSION, lm_examples: int = 0, trainer_cfg=None,
-                  init: str | Path | None = None, phases=()) -> Path:
+#: the tiny model's recipe as the schema states it (``config.ModelConfig``: sizes, ``pretrain``)
+_MODEL = ModelConfig()
+_PRETRAIN = _MODEL.pretrain
+
+
+def pretrain_base(out_dir: str | Path, examples: int = _PRETRAIN.examples, batch_size: int = _PRETRAIN.batch_size,
+                  lr: float = _PRETRAIN.lr, seed: int = _PRETRAIN.seed,
+                  text_qa_fraction: float = _PRETRAIN.text_qa_fraction, image_size: int = _MODEL.image_size,
+                  patch_size: int = _MODEL.patch_size, vision_hidden: int = _MODEL.vision_hidden,
+                  vision_layers: int = _MODEL.vision_layers, text_hidden: int = _MODEL.text_hidden,
+                  text_layers: int = _MODEL.text_layers, text_heads: int = _MODEL.text_heads,
+                  max_length: int = _MODEL.max_length, loss: str = _PRETRAIN.loss, stream: int = STREAM_VERSION,
+                  lm_examples: int = 0, trainer_cfg=None, init: str | Path | None = None, phases=()) -> Path:
     """Pretrain the tiny base into ``out_dir``: phase 0 (``lm_examples`` text-only examples, then
     ``examples`` of the mixed stream, under one warmup + cosine schedule), then ``phases`` in order.
+    Left out, ``lm_examples`` and ``phases`` are none (phase 0 alone); the shipped base's recipe
+    (``config.ModelConfig().pretrain``) has both.
     ``init``: continue from that checkpoint (its architecture and tokenizer; the size arguments
     are then ignored) under a fresh schedule, instead of starting from random weights; with
     ``examples=lm_examples=0`` phase 0 is skipped and the recipe recorded is the init's recipe
@@ -160,10 +169,8 @@ def pretrain_base(out_dir: str | Path, examples: int = 288_000, batch_size: int 
 
 def parse_phases(text: str) -> list[dict]:
     """--phases: "shipped", "none" or a JSON list of PhaseConfig fields."""
-    from ..config import shipped_phases
-
     if text == "shipped":
-        return phase_dicts(shipped_phases())
+        return phase_dicts(_PRETRAIN.phases)
     if text == "none":
         return []
     try:
@@ -176,16 +183,17 @@ def parse_phases(text: str) -> list[dict]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ASSET))
-    ap.add_argument("--examples", type=int, default=288_000)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--text-layers", type=int, default=4)
-    ap.add_argument("--text-hidden", type=int, default=160)
-    ap.add_argument("--lm-examples", type=int, default=96_000, help="text-only examples before the mixed stream")
+    ap.add_argument("--examples", type=int, default=_PRETRAIN.examples)
+    ap.add_argument("--batch-size", type=int, default=_PRETRAIN.batch_size)
+    ap.add_argument("--lr", type=float, default=_PRETRAIN.lr)
+    ap.add_argument("--seed", type=int, default=_PRETRAIN.seed)
+    ap.add_argument("--text-layers", type=int, default=_MODEL.text_layers)
+    ap.add_argument("--text-hidden", type=int, default=_MODEL.text_hidden)
+    ap.add_argument("--lm-examples", type=int, default=_PRETRAIN.lm_examples,
+                    help="text-only examples before the mixed stream")
     ap.add_argument("--stream", type=int, default=STREAM_VERSION, choices=sorted(TEXT_MIXES))
     ap.add_argument("--phases", default="shipped",
-                    help="continuation phases after phase 0: 'shipped' (config.shipped_phases), 'none' or JSON")
+                    help="continuation phases after phase 0: 'shipped' (ModelConfig().pretrain.phases), 'none' or JSON")
     ap.add_argument("--init", default=None, help="continue from this checkpoint instead of random weights "
                     "(with --examples 0 --lm-examples 0: run only --phases)")
     ap.add_argument("--threads", type=int, default=0)

@@ -19,17 +19,10 @@ The other half is the data path both training and gradient extraction use (one c
 
 - :class:`Preprocess`: LLaVA's ``image_aspect_ratio=pad``: pad to a square with the image
   processor's mean colour ``tuple(int(x * 255) for x in image_mean)``, then the CLIP processor
-  (resize, centre crop, rescale, normalise) -> float32 (3, H, W);
-- :class:`Encoder`: the ``vicuna_v1`` conversation template (``conv_vicuna_v1``, selected by
-  LLaVA-1.5's ``--version v1`` for training and ``--conv-mode vicuna_v1`` for evaluation)::
-
-      <s>SYSTEM USER: <image>\\nquestion ASSISTANT: answer</s>USER: ... ASSISTANT: ...</s>
-
-  with the ``<image>`` moved to the front of its turn (LLaVA's ``preprocess_multimodal``) and
-  labels -100 everywhere except each answer and its ``</s>`` (LLaVA's ``preprocess_v1``). Token
-  ids are those of LLaVA's ``tokenizer_image_token`` on the same prompt (each text chunk between
-  images tokenized as a whole); answer tokens are found by character offsets, not by LLaVA's
-  tokenizer-specific length arithmetic.
+  (resize, centre crop, rescale, normalise) -> float32 (3, H, W), one HF processor
+  (:func:`pad_processor`) that the export writes too;
+- :class:`Encoder`: the ``vicuna_v1`` conversation template (``models/template.py``) through the
+  one encoder every model uses (``data/encode.py``).
 
 Any HF LLaVA checkpoint directory (``save_pretrained`` of an assembled or trained model, or a
 ``llava-hf`` conversion) loads with :func:`load`.
@@ -44,22 +37,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.encode import IGNORE, Encoded, image_path, within_length
+from ..data.encode import ConversationEncoder
+from .template import IMAGE_TOKEN, TEMPLATES, ChatTemplate
 
 __all__ = [
     "DTYPES",
     "IMAGE_TOKEN",
-    "ROLES",
-    "SEP",
-    "SEP2",
-    "SYSTEM",
     "Encoder",
     "Preprocess",
     "add_image_token",
     "assemble",
     "background_colour",
     "check_parts",
-    "expand2square",
     "image_processor",
     "load",
     "load_projector",
@@ -67,15 +56,8 @@ __all__ = [
     "model_preprocess",
     "n_image_tokens",
     "processor_dir",
-    "prompt",
 ]
 
-#: ``conv_vicuna_v1`` of LLaVA's ``llava/conversation.py`` (``conv_templates["v1"]``).
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-ROLES = ("USER", "ASSISTANT")
-SEP, SEP2 = " ", "</s>"
-IMAGE_TOKEN = "<image>"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -261,149 +243,43 @@ def background_colour(image_mean: Sequence[float]) -> tuple[int, ...]:
     return tuple(int(x * 255) for x in image_mean)
 
 
-def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
-    """LLaVA's ``expand2square``: the image centred on a square canvas of its longer side."""
-    width, height = image.size
-    if width == height:
-        return image
-    if width > height:
-        result = Image.new(image.mode, (width, width), background)
-        result.paste(image, (0, (width - height) // 2))
-        return result
-    result = Image.new(image.mode, (height, height), background)
-    result.paste(image, ((height - width) // 2, 0))
-    return result
+def pad_processor(clip):
+    """LLaVA-1.5's ``image_aspect_ratio=pad`` as one HF image processor: a square canvas of the
+    image's longer side in the mean colour (:func:`background_colour`, as LLaVA's
+    ``expand2square``), then ``clip``'s resize, centre crop, rescale and normalise. Training and
+    the exported checkpoint both preprocess through it."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    d = clip.to_dict()
+    keys = ("size", "crop_size", "image_mean", "image_std", "resample", "do_resize", "do_center_crop", "do_rescale",
+            "rescale_factor", "do_normalize", "do_convert_rgb")
+    return LlavaImageProcessorPil(**{k: d[k] for k in keys if k in d}, do_pad=True)
 
 
 class Preprocess:
-    """PIL image -> float32 (3, H, W) model input: LLaVA-1.5's ``image_aspect_ratio=pad``."""
+    """PIL image -> float32 (3, H, W) model input through :func:`pad_processor` of the vision
+    tower's CLIP image processor."""
 
-    def __init__(self, processor):
-        self.processor = processor
-        crop = processor.crop_size
+    def __init__(self, clip):
+        self.processor = pad_processor(clip)
+        crop = clip.crop_size
         self.size = int(crop["height"] if isinstance(crop, dict) else crop.height)
-        self.background = background_colour(processor.image_mean)
-
-    def square(self, image: Image.Image) -> Image.Image:
-        return expand2square(image.convert("RGB"), self.background)
+        self.background = background_colour(clip.image_mean)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        out = self.processor(images=self.square(image), return_tensors="np")["pixel_values"][0]
+        out = self.processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
         return np.ascontiguousarray(out, dtype=np.float32)
 
 
 # ---------------------------------------------------------------- conversations
-def _turns(record: dict, with_answer: bool) -> list[tuple[str, str]]:
-    """(role, text) in LLaVA's order: a leading non-human turn skipped, roles alternating,
-    ``<image>`` moved to the front of its turn (``"<image>\\n" + rest.strip()``)."""
-    conv = list(record["conversations"])
-    if conv and conv[0]["from"] != "human":
-        conv = conv[1:]  # LLaVA's preprocess: "Skip the first one if it is not from human"
-    if not with_answer:
-        if not conv or conv[-1]["from"] != "gpt":
-            raise ValueError(f"record {record.get('id')!r}: the last turn must be the answer to generate")
-        conv = conv[:-1]
-    out = []
-    for i, t in enumerate(conv):
-        role = {"human": ROLES[0], "gpt": ROLES[1]}.get(t["from"])
-        if role is None or role != ROLES[i % 2]:
-            raise ValueError(f"record {record.get('id')!r}: turn {i} is from {t['from']!r}; turns must alternate "
-                             f"human, gpt starting with human")
-        text = t["value"]
-        if IMAGE_TOKEN in text:
-            text = IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()
-        out.append((role, text))
-    return out
-
-
-def prompt(turns: list[tuple[str, str]], system: str = SYSTEM) -> tuple[str, list[tuple[int, int]]]:
-    """The vicuna_v1 prompt (``Conversation.get_prompt`` of ``SeparatorStyle.TWO``) and the
-    character spans of the answers, each with its ``</s>``. A conversation that ends with the
-    user's turn gets the generation prompt ``ASSISTANT:``."""
-    text = system + SEP
-    spans = []
-    for role, msg in turns:
-        text += role + ": "
-        if role == ROLES[0]:
-            text += msg + SEP
-        else:
-            start = len(text)
-            text += msg + SEP2
-            spans.append((start, len(text)))
-    if not turns or turns[-1][0] == ROLES[0]:
-        text += ROLES[1] + ":"
-    return text, spans
-
-
-class Encoder:
-    """LLaVA records -> :class:`~icons.data.encode.Encoded` with the vicuna_v1 template.
-
-    The same interface as :class:`icons.data.encode.Encoder` (``encode``, ``length``,
-    ``load_image``, ``tok``, ``max_length``, ``image_size``); pixels are float32 (3, H, W),
-    already normalised by :class:`Preprocess` (``collate`` stacks them as they are).
-    """
+class Encoder(ConversationEncoder):
+    """LLaVA-1.5's encoder: the ``vicuna_v1`` template (``models/template.py``), pixels float32
+    (3, H, W), already normalised by :class:`Preprocess` (``collate`` stacks them as they are)."""
 
     def __init__(self, tokenizer, preprocess: Preprocess, n_image_tokens: int, max_length: int,
-                 image_root: str | Path | None = None, system: str = SYSTEM):
-        self.tok = tokenizer
+                 image_root: str | Path | None = None, template: ChatTemplate = TEMPLATES["vicuna_v1"]):
         self.preprocess = preprocess
-        self.n_image = n_image_tokens
-        self.max_length = max_length
-        self.image_size = preprocess.size
-        self.image_root = Path(image_root) if image_root is not None else None
-        self.system = system
-        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        if self.image_id is None or self.image_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN!r} token (use add_image_token)")
-        if tokenizer.encode(SEP2, add_special_tokens=False) != [tokenizer.eos_token_id]:
-            raise ValueError(f"the tokenizer does not encode {SEP2!r} as its eos token; vicuna_v1 needs it")
-        if tokenizer.bos_token_id is None:
-            raise ValueError("the tokenizer has no bos token")
-
-    def _ids_labels(self, record: dict, with_answer: bool) -> tuple[list[int], list[int]]:
-        text, spans = prompt(_turns(record, with_answer), self.system)
-        ids, labels = [self.tok.bos_token_id], [IGNORE]
-        pos = 0
-        for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
-            if k:
-                ids += [self.image_id] * self.n_image
-                labels += [IGNORE] * self.n_image
-                pos += len(IMAGE_TOKEN)
-            if chunk:
-                enc = self.tok(chunk, add_special_tokens=False, return_offsets_mapping=True)
-                for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
-                    a, b = a + pos, b + pos
-                    answer = any(a < e and b > s for s, e in spans)
-                    ids.append(tid)
-                    labels.append(tid if answer and with_answer else IGNORE)
-            pos += len(chunk)
-        return ids, labels
-
-    def load_image(self, record: dict) -> np.ndarray | None:
-        path = image_path(record, self.image_root)
-        if path is None:
-            return None
-        with Image.open(path) as im:
-            return self.preprocess(im)
-
-    def length(self, record: dict) -> int:
-        """Token count of the whole conversation (image tokens included, before truncation);
-        a conversation ending with the user's turn counts its generation prompt."""
-        text, _ = prompt(_turns(record, True), self.system)
-        n = 1 + text.count(IMAGE_TOKEN) * self.n_image
-        return n + sum(len(self.tok.encode(c, add_special_tokens=False)) for c in text.split(IMAGE_TOKEN) if c)
-
-    def encode(self, record: dict, with_answer: bool = True, pixels: np.ndarray | None = None,
-               load_image: bool = True) -> Encoded:
-        n_tokens = sum(t["value"].count(IMAGE_TOKEN) for t in record["conversations"])
-        if n_tokens > 1:
-            raise ValueError(f"record {record.get('id')!r}: {n_tokens} {IMAGE_TOKEN} tokens; one image per record")
-        if n_tokens and record.get("image") is None and pixels is None:
-            raise ValueError(f"record {record.get('id')!r}: {IMAGE_TOKEN} in the text but no image")
-        ids, labels = self._ids_labels(record, with_answer)
-        if pixels is None and load_image and self.image_id in ids:
-            pixels = self.load_image(record)
-        return within_length(record, ids, labels, pixels, self.image_id, self.max_length)
+        super().__init__(tokenizer, template, n_image_tokens, max_length, preprocess.size, preprocess, image_root)
 
 
 def processor_dir(model_cfg: Any) -> str:

@@ -58,28 +58,28 @@ def build_model(tokenizer, image_size=32, patch_size=8, vision_hidden=96, vision
 
 
 def image_processor(image_size: int = 32):
+    """The tiny model's image preprocessing as an HF image processor (for the processor saved with
+    every checkpoint and the export): a plain bicubic resize to ``image_size``, mean/std 0.5, as
+    :func:`pixels_uint8` + :func:`normalise` compute it in training (tested to 1e-6)."""
+    from transformers.image_utils import PILImageResampling
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    return CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                 crop_size={"height": image_size, "width": image_size},
-                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
-
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role']=='user' %}USER: {% for c in m['content'] %}"
-    "{% if c['type']=='image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {{ m['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    return CLIPImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                                 resample=PILImageResampling.BICUBIC, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
 def build_processor(tokenizer, image_size: int = 32, patch_size: int = 8):
+    """A ``LlavaProcessor`` for the tiny model, with the ``tiny`` chat template."""
     from transformers import LlavaProcessor
+
+    from .template import TEMPLATES, adds_bos
 
     # num_additional_image_tokens=1: the CLIP tower's CLS token (without it the processor inserts
     # one image token too few and the forward pass fails).
     return LlavaProcessor(image_processor=image_processor(image_size), tokenizer=tokenizer,
                           patch_size=patch_size, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+                          num_additional_image_tokens=1,
+                          chat_template=TEMPLATES["tiny"].jinja(bos=not adds_bos(tokenizer)))
 
 
 def pixels_uint8(image: Image.Image, image_size: int) -> np.ndarray:

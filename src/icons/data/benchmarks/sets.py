@@ -56,7 +56,7 @@ def task_files(dir_: str | Path, names: list[str], default_root: Path) -> tuple[
         path = dir_ / f"{task}.json"
         if not path.is_file():
             raise _fail(path, "missing_file", f"no validation set for task {task!r} (tasks.dir={dir_}); make it "
-                                              f"with {convert_command(task, dir_)}; README, Real scale")
+                                              f"with {convert_command(task, dir_)}; README, Reproduce the paper")
         files[task] = path
         roots[task] = _image_root(dir_, task, default_root)
     return files, roots

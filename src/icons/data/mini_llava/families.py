@@ -11,14 +11,14 @@ from __future__ import annotations
 import copy
 import random
 
-from .language import QA, SCIENCE_FACTS, ask, caption, short_caption, text_only_qa
+from .language import LETTERS, QA, SCIENCE_FACTS, ask, caption, dotted_options, short_caption, text_only_qa
+from .pretraining import passage_example
 from .scenes import sample_degraded, sample_scene, sample_sign
 
 #: share of text-only chat that asks about a given passage (the rest: arithmetic and trivia)
 PASSAGE_SHARE = 0.5
 SHORT = " Answer the question using a single word or phrase ."
 MC_SUFFIX = " Answer with the option's letter from the given choices directly ."
-LETTERS = ["A", "B", "C", "D"]
 
 # Share of each family in the pool (LLaVA-665K counterpart in the comment).
 FAMILY_SHARES = {
@@ -52,11 +52,6 @@ def _short(rng, spec, skills) -> QA | None:
     return None
 
 
-def dotted_options(options: list[str]) -> str:
-    """Lettered options as "A . red B . blue": the pool's, the target tasks' and stage-1's generic form."""
-    return " ".join(f"{LETTERS[i]} . {o}" for i, o in enumerate(options))
-
-
 def mc_prompt(stem: str, options: list[str]) -> str:
     return f"{stem} {dotted_options(options)}"
 
@@ -73,7 +68,6 @@ def make_record(family: str, rng: random.Random, split: str = "train") -> dict |
     spec = None
     if family == "text_only":
         if rng.random() < PASSAGE_SHARE:  # reading comprehension about a given passage
-            from .pretraining import passage_example  # here: pretraining imports this module
             return {"conversations": passage_example(rng), "_spec": None, "meta": {"family": family}}
         turns = []
         for k in range(rng.choice([1, 1, 2])):
@@ -129,7 +123,7 @@ def make_record(family: str, rng: random.Random, split: str = "train") -> dict |
     elif family == "mc":
         qa = _short(rng, spec, ["color", "shape", "count", "position"])
         # Always four options, as A-OKVQA: with 2-4 the answer was A 36% and D 8% of the time, a
-        # letter prior that fails MMBench's circular evaluation (session 13)
+        # letter prior that fails MMBench's circular evaluation (generator v7; docs/findings.md)
         opts = mc_options(qa, rng, 4)
         prompt = mc_prompt(qa.question, opts) + MC_SUFFIX
         turns = _turn(prompt, LETTERS[opts.index(qa.answer)], True, True)

@@ -15,6 +15,13 @@ from dataclasses import dataclass
 
 from .scenes import CELLS, COLORS, SHAPES, SIZES
 
+LETTERS = ["A", "B", "C", "D"]
+
+
+def dotted_options(options: list[str]) -> str:
+    """Lettered options as "A . red B . blue": the pool's, the target tasks' and stage-1's generic form."""
+    return " ".join(f"{LETTERS[i]} . {o}" for i, o in enumerate(options))
+
 COLOR_NAMES = list(COLORS)
 YESNO = ["yes", "no"]
 COUNTS = ["1", "2", "3", "4"]

@@ -13,18 +13,24 @@ choices need exactly that look-up (measured while designing stream version 3).
 Stream version 4 adds (f) "facts": the same look-up in its simplest form ("Facts : red square .
 blue circle . Question : What color is the circle ?"), which a 4-layer LM learns far sooner than
 the caption format (it did not carry over: no gain in 12k LM steps, measured on a GPU).
-Stream version 5 (shipped) makes copying as common as context QA: with half of the batches
-copying, a 4-layer LM learns colour look-up in the caption format within 1000 steps (85%; alone
-it stays at 52-57% for 6000 steps; experiments/lm_lookup.py --color-lookup caption --copy 0.5).
+Stream version 5 (phase 0 of the shipped base) makes copying as common as context QA: with half
+of the batches copying, a 4-layer LM learns colour look-up in the caption format within 1000 steps
+(85%; alone it stays at 52-57% for 6000 steps; experiments/lm_lookup.py --color-lookup caption
+--copy 0.5).
 Stream version 6 is version 5 with every scene's objects captioned in random order instead of cell
 order. A caption in cell order can be read off the image by position alone; in random order, the
 shape after "A small red" and the place after "A small red circle" must be found in the image by
-content, which is what existence and attribute questions need. Continuing the shipped base on it
+content, which is what existence and attribute questions need. Continuing the v5 base on it
 for 3000 steps raised that look-up (``python -m icons.models.probe``: lookup_shape 59 -> 77%,
-lookup_position 35 -> 63%) and let 6000 existence questions teach POPE (50 -> 67%); README, The bar.
+lookup_position 35 -> 63%) and let 6000 existence questions teach POPE (50 -> 67%; docs/findings.md).
 Stream version 7 is v6 plus (g) the two-hop choice in the facts form (``two_hop_example``), which a
 4-layer LM composes only after about 12k text-only steps (experiments/lm_lookup.py --two-hop), beside
-the caption-form choice at a larger share (README, The bar: session 6).
+the caption-form choice at a larger share (docs/findings.md).
+
+Stream version 8 is v7 plus (h) verify questions about a described scene or sign ("Context : ...
+Question : Is the circle red ?" -> yes/no): checking a stated colour, place, count or number
+against the context, what MME's yes/no pairs ask of the language model (full data: MME 41.7 ->
+51.9; docs/findings.md).
 
 Stream version 9 is v8 plus (i) multiple choice in several generic letter formats ("Options : A . 4
 B . 3 Answer with the letter .", "( A ) red ( B ) blue Which option is right ?", ...) over three
@@ -48,15 +54,10 @@ of the time on scenes), answered by a letter among candidates in stage-1's own f
 (``seen_choice_example``). A 7B LLM applies its language skills to whatever the projector feeds it;
 a 4-layer LM does not: fine-tuned on fresh image multiple-choice items alone, the v9 base reached
 MMBench circular 17.5% only after 16k of them (2.5% after 4k), and the pool holds about 1000
-(README, The bar: session 11). It relaxes v10's rule: the answer is now only in the image.
+(docs/findings.md). It relaxes v10's rule: the answer is now only in the image.
 Stream version 12 is v11 with that choice at 20% and in any of MC_FORMATS (v11: stage-1's own
 format only), so the "A . x" option layout that the target tasks share with v9's text multiple
 choice now also comes with images; still no target task's instruction sentence.
-
-Stream version 8 is v7 plus (h) verify questions about a described scene or sign ("Context : ...
-Question : Is the circle red ?" -> yes/no): checking a stated colour, place, count or number
-against the context, what MME's yes/no pairs ask of the language model (README, The bar:
-session 9).
 
 ``two_hop_stream`` is the text-only data of the base's ``two_hop`` continuation phase (the
 composed choice beside each of its hops and copying); the shipped base is stream v5 from scratch,
@@ -68,8 +69,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from .families import dotted_options
-from .language import CORNERS, COOL, SCIENCE_FACTS, SIDES, WARM, ask, caption, skills_for, text_only_qa
+from .language import CORNERS, COOL, SCIENCE_FACTS, SIDES, WARM, ask, caption, dotted_options, skills_for, text_only_qa
 from .scenes import COLORS, SHAPES, sample_degraded, sample_scene, sample_sign
 
 #: bump when the stream changes: the base recipe (and so the cached base's key) includes it.
@@ -268,7 +268,7 @@ _TWO_HOP_KINDS = {"two_hop": two_hop_example, "facts": facts_example, "letter": 
 
 def two_hop_stream(seed: int) -> Iterator[dict]:
     """Text-only records of TWO_HOP_MIX. A 4-layer LM composes the two hops only after about 12k
-    steps (chance until 10k, then 96 / 82 / 71% for 2 / 3 / 4 candidates at 20k: README)."""
+    steps (chance until 10k, then 96 / 82 / 71% for 2 / 3 / 4 candidates at 20k: docs/findings.md)."""
     rng = random.Random(seed)
     while True:
         kind = rng.choices(list(TWO_HOP_MIX), list(TWO_HOP_MIX.values()))[0]

@@ -1,0 +1,124 @@
+"""The ``select`` stage, ICONS steps 4-5 (the generalist): each selector's subset of the pool at
+the same budget, as pool indices (``indices.npy``) and ids (``ids.json``).
+
+``icons``: the tasks vote at each one's ``consensus.threshold_percentile`` and the top
+``int(ratio * N)`` by votes are kept (``consensus.py``; another ``consensus.method`` names the row
+after itself); ``random``: a seeded sample of the same size. ``selection.from_run``: the
+selections of another finished run over the same pool, e.g. the subset 7B chose, to train 13B.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from ..io import config_hash, read_json, save_npy, slow_point, write_json
+from ..pipeline.cached import cached_stage
+from ..pipeline.rundir import Run, section
+from .data import load_pool
+from .scores import load_scores
+
+
+def icons_name(cfg: DictConfig) -> str:
+    """Report row of the influence selector: 'icons' (vote) or the consensus variant's name."""
+    return "icons" if cfg.consensus.method == "vote" else cfg.consensus.method
+
+
+def selector_names(cfg: DictConfig) -> list[str]:
+    return [icons_name(cfg) if s == "icons" else s for s in cfg.selectors]
+
+
+def stage_select(run: Run) -> dict:
+    cfg = run.cfg
+    results = {}
+    for sel in cfg.selectors:
+        if sel == "full":
+            continue
+        name = icons_name(cfg) if sel == "icons" else sel
+        out = run.run_dir / "selection" / name
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.selection.get("from_run"):
+            key, compute, inputs = selection_from_run(run, Path(cfg.selection.from_run), name, out)
+        elif sel == "random":
+            key = config_hash({"data": run.key_of("data"), "sel": section(cfg, "selection")})
+            compute, inputs = (lambda wrun, out=out, name=name: _write(out, name, *_random_rows(run))), ["data"]
+        elif sel == "icons":
+            key, compute, inputs = _icons(run, out, name)
+        else:
+            raise ValueError(f"unknown selector {sel!r}; available: full, random, icons")
+        results[name] = cached_stage(
+            run, f"select-{name}", out, key, compute, pointer=f"select/{name}", inputs=inputs,
+            artifact=(f"selection-{name}", "selection"),
+            files=lambda d: [*sorted(d.glob("*.npy")), d / "ids.json", d / "manifest.json"],
+            summary=lambda m: {"select/n": m["n"], **{f"select/votes_{k}": v for k, v in
+                                                      m.get("selected_vote_histogram", {}).items()}})
+    return results
+
+
+def _write(out: Path, name: str, idx: np.ndarray, ids: list, extra: dict | None = None) -> dict:
+    save_npy(out / "indices.npy", idx)
+    slow_point("select")  # crash-test hook (off unless ICONS_TEST_SLOW_STAGE=select)
+    write_json(out / "ids.json", [ids[i] for i in idx])
+    return {"selector": name, "n": int(len(idx)), "of": len(ids), **(extra or {})}
+
+
+def _random_rows(run: Run) -> tuple[np.ndarray, list]:
+    from ..consensus import budget
+
+    ids = load_pool(run).ids
+    k = budget(len(ids), run.cfg.selection.ratio)
+    return np.sort(np.asarray(random.Random(run.cfg.selection.seed).sample(range(len(ids)), k), dtype=np.int64)), ids
+
+
+def _icons(run: Run, out: Path, name: str):
+    from .. import consensus
+
+    cfg = run.cfg
+    if "scores" not in run.pointers():
+        raise FileNotFoundError(f"no task scores in {run.run_dir} for the icons selection: run the scores "
+                                f"stage, or set selection.from_run to reuse another run's selections")
+    key = config_hash({"scores": run.key_of("scores"), "sel": section(cfg, "selection", "consensus")})
+
+    def compute(wrun) -> dict:
+        table, merge, ids, _ = load_scores(run)
+        c = cfg.consensus
+        scores = merge[:, None] if c.method == "merge" else table
+        idx = consensus.select(scores, cfg.selection.ratio, c.method, c.threshold_percentile, c.tie_break,
+                               cfg.selection.seed)
+        v = consensus.votes(table, c.threshold_percentile)
+        save_npy(out / "votes.npy", v.astype(np.int16))
+        extra = {"vote_histogram": {int(k): int(n) for k, n in sorted(Counter(v.tolist()).items())},
+                 "selected_vote_histogram": {int(k): int(n) for k, n in sorted(Counter(v[idx].tolist()).items())}}
+        return _write(out, name, idx, ids, extra)
+
+    return key, compute, ["scores"]
+
+
+def selection_from_run(run: Run, src_run: Path, name: str, out: Path):
+    """Selection ``name`` of another finished run over the same pool (``selection.from_run``):
+    the subset one model chose, to train another (the paper's 7B -> 13B transfer)."""
+    src = src_run / "selection" / name
+    if not (src / "manifest.json").exists():
+        raise FileNotFoundError(f"selection.from_run={src_run}: no finished selection {name!r} ({src}/manifest.json)")
+    source = read_json(src / "manifest.json")
+    key = config_hash({"from_run": str(src_run.resolve()), "source_key": source["key"], "data": run.key_of("data")})
+
+    def compute(wrun) -> dict:
+        ids = read_json(src / "ids.json")
+        pool_ids = load_pool(run).ids
+        wanted = set(ids)
+        pos = {i: k for k, i in enumerate(pool_ids) if i in wanted}
+        missing = [i for i in ids if i not in pos]
+        if missing or source.get("of") != len(pool_ids):
+            raise ValueError(f"selection.from_run={src_run}: its {name!r} selection is over another pool "
+                             f"({len(missing)} of its ids are not in this pool; pool sizes {source.get('of')} and "
+                             f"{len(pool_ids)})")
+        save_npy(out / "indices.npy", np.asarray([pos[i] for i in ids], dtype=np.int64))
+        write_json(out / "ids.json", ids)
+        return {"selector": name, "n": len(ids), "of": len(pool_ids), "from_run": str(src_run.resolve()),
+                "source_key": source["key"]}
+
+    return key, compute, ["data"]

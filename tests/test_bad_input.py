@@ -271,13 +271,20 @@ def test_two_image_tokens_or_one_in_an_answer(root):
 
 
 # ------------------------------------------------------------------ records: ids
-def test_duplicate_ids(root):
+def test_repeated_ids_are_labels_listed_and_kept(root):
+    """LLaVA-665K's COCO-derived records carry their image's id, so ids repeat: every record is kept
+    and each repeat is listed with both positions; data.repeated_ids=error refuses them instead."""
     path = write_jsonl(root / "pool.jsonl", [rec("r0"), rec("r1"), rec("r0"), rec(7), rec("7"), rec(7)])
+    res = read_pool(path)
+    assert [r["id"] for r in res.records] == ["r0", "r1", "r0", 7, "7", 7] and res.positions == list(range(6))
+    assert not res.problems and res.stats["repeated_ids"] == 2
+    assert [(r["position"], r["line"], r["id"], r["first_position"]) for r in res.repeated] == [
+        (2, 3, "r0", 0), (5, 6, 7, 3)]
     with pytest.raises(BadInputError) as info:
-        read_pool(path)
+        read_pool(path, repeated_ids="error")
     msg = one_line(info.value)
     assert "line 3 record 2 id 'r0'" in msg and "already used by record 0" in msg and "(+1 more problem)" in msg
-    res = read_pool(path, on_bad_record="skip")
+    res = read_pool(path, on_bad_record="skip", repeated_ids="error")
     assert [r["id"] for r in res.records] == ["r0", "r1", 7, "7"]  # ids exactly as given; first one wins
     assert [(p["position"], p["id"], p["kind"]) for p in res.problems] == [(2, "r0", "duplicate_id"),
                                                                           (5, 7, "duplicate_id")]
@@ -321,12 +328,12 @@ def test_skip_keeps_ids_and_reports_positions_of_skipped(root):
                {"id": "f", "conversations": []}, rec("a"), rec("g", image=None)]
     path = write_jsonl(root / "pool.jsonl", records)
     res = read_pool(path, on_bad_record="skip")
-    assert [r["id"] for r in res.records] == ["a", "d", "e", "g"]
-    assert res.positions == [0, 3, 4, 7]
-    assert res.bad_positions == [1, 2, 5, 6]
+    assert [r["id"] for r in res.records] == ["a", "d", "e", "a", "g"]  # the repeated id 'a' is kept
+    assert res.positions == [0, 3, 4, 6, 7]
+    assert res.bad_positions == [1, 2, 5]
     assert [(p["position"], p["line"], p["id"], p["kind"]) for p in res.problems] == [
-        (1, 2, "b", "missing_conversations"), (2, 3, "c", "missing_image"), (5, 6, "f", "empty_conversations"),
-        (6, 7, "a", "duplicate_id")]
+        (1, 2, "b", "missing_conversations"), (2, 3, "c", "missing_image"), (5, 6, "f", "empty_conversations")]
+    assert [(r["position"], r["first_position"]) for r in res.repeated] == [(6, 0)]
     for p in res.problems:
         assert set(p) == {"file", "position", "line", "id", "field", "kind", "message"}
         assert p["file"] == str(path)

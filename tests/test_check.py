@@ -74,15 +74,18 @@ def test_check_stage_on_a_bad_user_pool_stops_naming_the_first_problem(tmp_path,
     msg = str(info.value)
     assert "\n" not in msg
     assert f"{user_pool} line 2 record 1 id 'u-1': field 'image':" in msg and "[missing_image]" in msg
-    assert "(+2 more problems)" in msg and "data.on_bad_record=skip" in msg
+    assert "(+1 more problem)" in msg and "data.on_bad_record=skip" in msg
     probs = read_jsonl(tmp_path / "run" / "check" / "problems.jsonl")
     assert [(p["position"], p["id"], p["kind"]) for p in probs] == [
-        (1, "u-1", "missing_image"), (2, "u-2", "empty_conversations"), (4, "u-0", "duplicate_id")]
+        (1, "u-1", "missing_image"), (2, "u-2", "empty_conversations")]
+    repeated = read_jsonl(tmp_path / "run" / "check" / "repeated_ids.jsonl")  # a label, listed, not a problem
+    assert [(r["position"], r["id"], r["first_position"]) for r in repeated] == [(4, "u-0", 0)]
     assert not (tmp_path / "run" / "check" / "manifest.json").exists()  # a failed check is not 'finished'
     assert not (tmp_path / "run" / "data").exists()  # nothing after the check ran
     printed = caplog.text
-    assert "6 records (4 with image, 2 text-only): 3 ok, 3 bad" in printed
-    assert "problems: duplicate_id=1, empty_conversations=1, missing_image=1" in printed
+    assert "6 records (4 with image, 2 text-only): 4 ok, 2 bad" in printed
+    assert "problems: empty_conversations=1, missing_image=1" in printed and "repeated ids (kept): 1" in printed
+    assert "1 record(s) repeat an earlier record's id" in printed and "record 4 id 'u-0' (as record 0)" in printed
     assert "repaired: image_token_inserted=1" in printed and "converted to RGB: RGBA=1" in printed
 
 
@@ -94,24 +97,23 @@ def test_skip_writes_good_records_and_bad_records_jsonl(tmp_path, icons_cache, u
     cfg = _cfg("stages=[check,data]", "data=llava_json", f"data.path={user_pool}",
                f"data.image_root={tmp_path / 'images'}", "data.on_bad_record=skip")
     out = run_stages(cfg, tmp_path / "run")
-    assert out["check"]["problems"] == 3 and out["check"]["ok"] == 3
+    assert out["check"]["problems"] == 2 and out["check"]["ok"] == 4 and out["check"]["repeated_ids"] == 1
     # the counts reach W&B too (by kind)
-    assert logged["check/problems"] == 3 and logged["check/records"] == 6
-    assert logged["check/problems/missing_image"] == 1 and logged["check/problems/duplicate_id"] == 1
+    assert logged["check/problems"] == 2 and logged["check/records"] == 6 and logged["check/repeated_ids"] == 1
+    assert logged["check/problems/missing_image"] == 1 and logged["check/problems/empty_conversations"] == 1
     data = tmp_path / "run" / "data"
     pool = load_pool(Run(cfg, tmp_path / "run", tmp_path / "run"))  # read lazily from the user's file
-    assert [r["id"] for r in pool] == pool.ids == ["u-0", "u-3", "u-5"]  # ids exactly as given, file order
-    assert np.load(data / "positions.npy").tolist() == [0, 3, 5]
+    assert [r["id"] for r in pool] == pool.ids == ["u-0", "u-3", "u-0", "u-5"]  # ids exactly as given, file order
+    assert np.load(data / "positions.npy").tolist() == [0, 3, 4, 5]
     assert pool[1]["conversations"][0]["value"].startswith("<image>\n") and pool[1]["image"] == "b.png"
     assert not (data / "pool.json").exists()  # never copied
     bad = read_jsonl(data / "bad_records.jsonl")
     assert [(b["file"], b["position"], b["line"], b["id"], b["field"], b["kind"]) for b in bad] == [
         (str(user_pool), 1, 2, "u-1", "image", "missing_image"),
-        (str(user_pool), 2, 3, "u-2", "conversations", "empty_conversations"),
-        (str(user_pool), 4, 5, "u-0", "id", "duplicate_id")]
+        (str(user_pool), 2, 3, "u-2", "conversations", "empty_conversations")]
     m = read_json(data / "manifest.json")
-    assert m["counts"]["records"] == 6 and m["counts"]["pool"] == 3 and m["counts"]["skipped"] == 3
-    assert m["problems"] == {"duplicate_id": 1, "empty_conversations": 1, "missing_image": 1}
+    assert m["counts"]["records"] == 6 and m["counts"]["pool"] == 4 and m["counts"]["skipped"] == 2
+    assert m["problems"] == {"empty_conversations": 1, "missing_image": 1}
     assert m["fixes"] == {"image_token_inserted": 1} and m["meta"] is None
     assert m["image_root"] == str(tmp_path / "images")
     # the task files come from the tasks group, with image paths that work from any image_root
@@ -120,6 +122,16 @@ def test_skip_writes_good_records_and_bad_records_jsonl(tmp_path, icons_cache, u
             recs = read_json(m[split][task])
             assert len(recs) == m["counts"][f"{task}/{split}"] > 0
             assert all(Path(r["image"]).is_absolute() and Path(r["image"]).is_file() for r in recs if "image" in r)
+
+
+def test_repeated_ids_as_an_error_when_asked(tmp_path, icons_cache, user_pool):
+    cfg = _cfg("stages=[check]", "data=llava_json", f"data.path={user_pool}", f"data.image_root={tmp_path / 'images'}",
+               "data.repeated_ids=error")
+    with pytest.raises(BadInputError) as info:
+        run_stages(cfg, tmp_path / "run")
+    probs = read_jsonl(tmp_path / "run" / "check" / "problems.jsonl")
+    assert (4, "u-0", "duplicate_id") in [(p["position"], p["id"], p["kind"]) for p in probs]
+    assert "(+2 more problems)" in str(info.value)
 
 
 def test_data_stage_alone_refuses_a_bad_pool_under_error(tmp_path, icons_cache, user_pool):
@@ -207,4 +219,4 @@ def test_command_line_exit_codes(tmp_path, icons_cache, user_pool):
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("[icons] bad input: ") and "record 1 id 'u-1': field 'image'" in last
     assert "Traceback" not in bad.stderr
-    assert json.loads((run_dir / "check" / "summary.json").read_text())["n_problems"] == 3
+    assert json.loads((run_dir / "check" / "summary.json").read_text())["n_problems"] == 2

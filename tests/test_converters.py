@@ -344,7 +344,8 @@ def test_mmbench_test_split_has_no_answers(tmp_path):
 def _llavaw(tmp: Path, coco: bool):
     qname, aname = ("qa90_questions.jsonl", "qa90_gpt4_answer.jsonl") if coco else ("questions.jsonl",
                                                                                     "answers_gpt4.jsonl")
-    image = (lambda i: f"COCO_val2014_{i:012d}.jpg") if coco else (lambda i: f"{i:03d}.jpg")
+    # qa90_questions.jsonl as released: bare COCO numbers ({"question_id": 0, "image": "000000441147.jpg", ...})
+    image = (lambda i: f"{441147 + i:012d}.jpg") if coco else (lambda i: f"{i:03d}.jpg")
     qs = [{"question_id": i, "image": image(i), "text": f"Describe picture {i}.", "category": "detail"}
           for i in range(10)]
     ans = [{"question_id": i, "text": f"It shows thing {i}.", "model_id": "gpt-4-0314"} for i in range(10)]
@@ -360,7 +361,24 @@ def test_llavaw(tmp_path):
     assert len(coco) == 10
     r = coco[3]
     assert _human(r) == "<image>\nDescribe picture 3." and _gpt(r) == "It shows thing 3."
-    assert r["image"] == "coco/val2014/COCO_val2014_000000000003.jpg" and r["category"] == "detail"
+    assert r["image"] == "coco/val2014/COCO_val2014_000000441150.jpg" and r["category"] == "detail"
+
+
+def test_llavaw_coco_images_resolve_to_files_that_exist(tmp_path):
+    """COCO val2014's files carry the COCO_val2014_ prefix that qa90's bare numbers lack; COCO 2017
+    folders use the bare numbers. Given the image root, each record points at the file that exists."""
+    src = _llavaw(tmp_path / "c", coco=True)
+    root = tmp_path / "playground"
+    (root / "coco" / "val2014").mkdir(parents=True)
+    for i in range(10):
+        name = f"{441147 + i:012d}.jpg"
+        (root / "coco" / "val2014" / (f"COCO_val2014_{name}" if i % 2 else name)).write_bytes(b"jpg")
+    recs = _load(convert("llavaw", src, tmp_path / "o", n=50, image_root=root))
+    assert all((root / r["image"]).is_file() for r in recs)
+    assert {r["image"].split("/")[-1][:5] for r in recs} == {"COCO_", "00000"}
+    (root / "coco" / "val2014" / "COCO_val2014_000000441148.jpg").unlink()
+    with pytest.raises(SourceError, match="--image-prefix"):
+        convert("llavaw", src, tmp_path / "o2", n=50, image_root=root)
 
 
 # ---------------------------------------------------------------- the records load like any LLaVA data

@@ -31,3 +31,13 @@ def test_ablation_jobs_compose(name):
         validate(cfg)
         seen.add(str(sorted(job)))
     assert len(seen) == len(jobs)
+
+
+def test_the_readme_select_only_command_composes_and_ends_at_the_subset():
+    """The README's one command for selecting without training: the stages up to the subset."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme[readme.index("python -m icons.run +experiment=llava_20pct stages=[check"):]
+    argv = block[:block.index("```")].replace("\\\n", " ").split()[3:]
+    cfg = validate(compose_config(argv))
+    assert cfg.stages[-1] == "subset" and "train" not in cfg.stages and cfg.selectors == ["icons"]
+    assert "selection/icons/subset/subset.json" in readme and "--data_path" in readme

@@ -215,7 +215,9 @@ def test_vicuna_export_keeps_bf16(parts, tmp_path):  # noqa: F811
 
 # ---------------------------------------------------------------- the command, the stage, the report
 def test_lmms_eval_command_lists_the_ten_benchmarks(tmp_path):
-    cmd = ex.lmms_eval_command(tmp_path / "exp", tmp_path / "res", dtype="bfloat16", num_processes=4)
+    from icons.handoff import lmms_eval_command
+
+    cmd = lmms_eval_command(tmp_path / "exp", tmp_path / "res", dtype="bfloat16", num_processes=4)
     argv = shlex.split(cmd)
     assert argv[:6] == ["accelerate", "launch", "--num_processes=4", "-m", "lmms_eval", "--model"]
     opt = {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a.startswith("--") and not argv[i + 1].startswith("--")}
@@ -224,10 +226,11 @@ def test_lmms_eval_command_lists_the_ten_benchmarks(tmp_path):
     assert opt["--model_args"] == f"pretrained={(tmp_path / 'exp').resolve()},dtype=bfloat16"
     assert opt["--output_path"] == str((tmp_path / "res").resolve())
     assert opt["--tasks"].split(",") == list(LMMS_EVAL_TASKS) == [
-        "vqav2_val", "gqa", "vizwiz_vqa_val", "scienceqa_img", "textvqa_val", "pope", "mme", "mmbench_en_dev",
+        "vqav2_val", "gqa", "vizwiz_vqa_val", "scienceqa_img", "textvqa_val_ocr", "pope", "mme", "mmbench_en_dev",
         "mmbench_cn_dev", "llava_in_the_wild"]
+    assert opt["--include_path"] == str((tmp_path / "exp" / "lmms_tasks").resolve())  # textvqa_val_ocr's yaml
     with pytest.raises(ValueError, match="comma"):
-        ex.lmms_eval_command(tmp_path / "a,b", tmp_path / "res")
+        lmms_eval_command(tmp_path / "a,b", tmp_path / "res")
 
 
 def test_stage_exports_trained_models_and_report_lists_them(tiny, compose_cfg):
@@ -313,3 +316,69 @@ def test_exported_chat_template_tokenizes_as_the_training_encoder(template, name
     image = Image.open(root / "img.png")
     assert _processor_ids(proc, record, image, generation=False) == enc.encode(record).input_ids
     assert _processor_ids(proc, record, image, generation=True) == enc.encode(record, with_answer=False).input_ids
+
+
+# ---------------------------------------------------------------- the script: a checked environment, TextVQA's OCR
+def _fake_env(tmp_path: Path, transformers_stub: bool = False) -> dict:
+    """PATH with `python` (this interpreter) and an `accelerate` that records its argv; PYTHONPATH
+    with a stand-in lmms_eval package holding lmms-eval's textvqa_val.yaml (its released shape)."""
+    import os
+    import sys
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    (bin_ / "python").chmod(0o755)
+    (bin_ / "accelerate").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'argv.txt'}\n")
+    (bin_ / "accelerate").chmod(0o755)
+    pkg = tmp_path / "site" / "lmms_eval"
+    (pkg / "tasks" / "textvqa").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "tasks" / "textvqa" / "textvqa_val.yaml").write_text(
+        "task: textvqa_val\ntest_split: validation\ninclude: _default_template_textvqa_yaml\n")
+    (pkg / "tasks" / "textvqa" / "_default_template_textvqa_yaml").write_text(
+        'dataset_path: lmms-lab/textvqa\noutput_type: generate_until\nlmms_eval_specific_kwargs:\n  default:\n'
+        '    pre_prompt: ""\n    post_prompt: "\\nAnswer the question using a single word or phrase."\n    ocr: false\n')
+    paths = [str(tmp_path / "site")]
+    if transformers_stub:  # an environment whose transformers cannot read a transformers-5 export
+        (tmp_path / "site" / "transformers").mkdir()
+        (tmp_path / "site" / "transformers" / "__init__.py").write_text(
+            "__version__ = '4.37.2'\nclass AutoProcessor:\n    @staticmethod\n    def from_pretrained(d):\n"
+            "        raise ValueError('unknown tokenizer class TokenizersBackend')\n")
+    return {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHONPATH": ":".join(paths)}
+
+
+def _lmms_yaml(path: Path) -> dict:
+    """lmms-eval's include rule (utils.load_yaml_config): included files first, the file's keys on top."""
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    inc = cfg.pop("include", None)
+    if inc is None:
+        return cfg
+    inc = Path(inc) if Path(inc).is_file() else path.parent / inc
+    return {**_lmms_yaml(inc), **cfg}
+
+
+def test_script_checks_transformers_and_writes_textvqa_with_ocr_tokens(tiny, tmp_path):
+    import subprocess
+
+    tok, model, root = tiny
+    ex.export(model, tok, ex.image_processor_for("tiny", 32), root / "out", "tiny", key="k")
+    cmd = ex.write_command(root / "out", LMMS_EVAL_TASKS)
+    run = subprocess.run(["sh", str(root / "out" / "lmms_eval.sh")], env=_fake_env(tmp_path), capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "argv.txt").read_text().split() == shlex.split(cmd)[1:]  # accelerate got the command
+    task = _lmms_yaml(root / "out" / "lmms_tasks" / "textvqa_val_ocr.yaml")
+    assert task["task"] == "textvqa_val_ocr" and task["test_split"] == "validation"
+    assert task["dataset_path"] == "lmms-lab/textvqa"  # lmms-eval's own task, underneath
+    assert task["lmms_eval_specific_kwargs"]["default"] == {
+        "pre_prompt": "", "post_prompt": "\nAnswer the question using a single word or phrase.", "ocr": True}
+    (tmp_path / "old").mkdir()
+    old = subprocess.run(["sh", str(root / "out" / "lmms_eval.sh")], env=_fake_env(tmp_path / "old", True),
+                         capture_output=True, text=True, timeout=120)
+    assert old.returncode != 0 and not (tmp_path / "old" / "argv.txt").exists()  # stopped before lmms-eval
+    last = old.stderr.strip().splitlines()[-1]
+    assert last.startswith("icons: transformers 4.37.2 in this environment cannot read the exported processor")
+    assert f"install transformers>={read_json(root / 'out' / ex.INFO)['transformers']}" in last

@@ -46,8 +46,9 @@ def _expected(model, tok, names, moments):
     mf = torch.cat([m[n].reshape(-1) for n in names])
     vf = torch.cat([v[n].reshape(-1) for n in names])
     b1, b2 = info["betas"]
-    # LESS's Adam direction, written out: (b1 m + (1-b1) g) / (sqrt(b2 v + (1-b2) g^2) + eps)
-    pool_adam = (b1 * mf + (1 - b1) * pool_g) / (torch.sqrt(b2 * vf + (1 - b2) * pool_g ** 2) + info["eps"])
+    # LESS's Adam direction, written out as LESS's collect_grad_reps.py has it (eps inside the root, no
+    # bias correction): (b1 m + (1-b1) g) / sqrt(b2 v + (1-b2) g^2 + eps)
+    pool_adam = (b1 * mf + (1 - b1) * pool_g) / torch.sqrt(b2 * vf + (1 - b2) * pool_g ** 2 + info["eps"])
     return pool_g.double().numpy(), pool_adam.double().numpy(), val_g.double().numpy()
 
 
@@ -222,3 +223,22 @@ def test_resumed_extraction_progress_bar_starts_where_the_run_left_off(setup, tm
     todo = meta["rows_done"] // 2
     assert pool_bars == {(3 - todo, 3)} and 1 <= todo <= 2
     np.testing.assert_allclose(load_group_scores(tmp_path)[0], first, rtol=1e-5, atol=1e-7)
+
+
+def test_adam_direction_is_lesss_with_eps_inside_the_root(setup, tmp_path):
+    """LESS computes m1 / sqrt(v1 + eps) (collect_grad_reps.py); with second moments far below eps,
+    as a 7B LoRA's are, m1 / (sqrt(v1) + eps) gives another direction. Moments here are that small."""
+    tok, model, (m, v, info), names = setup
+    tiny_v = {n: t * 1e-7 for n, t in v.items()}  # v ~ 1e-12, eps 1e-8
+    extract(model, Encoder(tok, 16, 32, 160), POOL, VAL, tmp_path, (m, tiny_v, info), "none", 0, 0, batch_size=4)
+    scores, groups, _ = load_group_scores(tmp_path)
+    pool_g, _, val_g = _expected(model, tok, names, (m, v, info))
+    mf = np.concatenate([m[n].reshape(-1).double().numpy() for n in names])
+    vf = np.concatenate([tiny_v[n].reshape(-1).double().numpy() for n in names])
+    b1, b2 = info["betas"]
+    m1, v1 = b1 * mf + (1 - b1) * pool_g, b2 * vf + (1 - b2) * pool_g ** 2
+    less = m1 / np.sqrt(v1 + info["eps"])  # written out independently of influence.adam_precondition
+    other = m1 / (np.sqrt(v1) + info["eps"])
+    merge = scores[:, groups.index(MERGE)]
+    np.testing.assert_allclose(merge, direct_scores(less, val_g), rtol=1e-4, atol=1e-6)
+    assert np.abs(merge - direct_scores(other, val_g)).max() > 1e-2  # the two forms are told apart here

@@ -254,7 +254,7 @@ def test_prompt_text():
     text, spans = VICUNA.render(turns)
     assert text == (VICUNA_SYSTEM + " USER: <image>\nWhat is red? ASSISTANT: blue</s>USER: yes or no? "
                     "ASSISTANT: no</s>")
-    assert [text[a:b] for a, b in spans] == ["blue</s>", "no</s>"]
+    assert [text[a:b] for a, b in spans] == [" blue</s>", " no</s>"]  # from the space: see template.render
     gen, _ = VICUNA.render(VICUNA.turns(RECORD, with_answer=False))
     assert gen.endswith("USER: yes or no? ASSISTANT:")
     assert VICUNA_SYSTEM == ("A chat between a curious user and an artificial intelligence assistant. "
@@ -501,3 +501,55 @@ def test_selection_from_run(compose_cfg, tmp_path):
     fresh = _fake_run(tmp_path / "fresh", ids, tmp_path / "pool3.json")
     with pytest.raises(FileNotFoundError, match="selection.from_run"):
         stage_select(Run(compose_cfg(["+experiment=llava_13b_transfer"]), fresh, fresh))
+
+
+# ---------------------------------------------------------------- what trains is kept in fp32
+def test_one_bf16_step_with_the_projector_trainable_equals_an_fp32_update(parts):
+    """LLaVA-1.5's LoRA recipe trains the projector at lr 2e-5 beside the LoRA weights. The base is
+    bf16; every trainable weight keeps fp32 master weights and AdamW state, so one step moves each
+    one exactly as AdamW computed in float64 from the same gradient says (bf16 weights would round
+    most of a 2e-5 step away: their spacing near 0.1 is 5e-4)."""
+    from types import SimpleNamespace
+
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from icons.models.lora import add_lora
+    from icons.train import PROJECTOR, OptimConfig, ShuffledBatches, fit, set_trainable
+
+    model, tok, pre = llava15.assemble(parts["llm"], parts["vision"], parts["proj"], "bfloat16")
+    torch.manual_seed(0)
+    model = add_lora(model, OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0,
+                                              "target_modules": r".*language_model.*\.(q_proj|v_proj)"}))
+    set_trainable(model, "lora", projector=True)
+    enc = llava15.Encoder(tok, pre, 4, 256, parts["root"])
+    items = [enc.encode(RECORD), enc.encode(TEXT_RECORD)]
+    seen = {}
+
+    class Snapshot(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            for n, p in module.model.named_parameters():
+                if p.requires_grad:
+                    seen[n] = (p.detach().double().clone(), p.grad.detach().double().clone(), p)
+
+    from icons import train
+
+    real = train.make_trainer
+    lr = 2e-5
+    trainer_cfg = SimpleNamespace(accelerator="cpu", devices=1, num_nodes=1, strategy="auto", precision="bf16-mixed",
+                                  progress_bar=False)
+    train.make_trainer = lambda *a, callbacks=(), **k: real(*a, callbacks=[*callbacks, Snapshot()], **k)
+    try:
+        fit(model, ShuffledBatches(items, 2, 1, 0, tok.pad_token_id),
+            OptimConfig(lr=lr, warmup_ratio=0.0, scheduler="constant", grad_clip=0.0, projector_lr=lr), trainer_cfg)
+    finally:
+        train.make_trainer = real
+    projector = [n for n in seen if PROJECTOR in n]
+    assert projector and any("lora_" in n for n in seen)
+    assert all(p.dtype == torch.float32 for _, _, p in seen.values())  # fp32 master weights
+    frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}  # the frozen base stays bf16
+    for n, (before, g, p) in seen.items():
+        # AdamW's first step, written out: m = (1-b1) g, v = (1-b2) g^2, bias-corrected -> g / (|g| + eps)
+        want = before - lr * g / (g.abs() + 1e-8)
+        assert (p.detach().double() - want).abs().max().item() < 1e-6, n

@@ -137,12 +137,11 @@ def test_multirun_shares_features_across_jobs(tmp_path, smoke_base):
     assert {name for _, name in sizes} == {"icons", "mean"}
 
 
-def test_warmup_ids_keep_pool_order_and_accept_mixed_id_types():
-    """LLaVA-format files may mix int and string ids: the warmup sample never compares them."""
-    from icons.warmup import warmup_ids
+def test_warmup_rows_keep_pool_order_and_follow_the_seed():
+    """The warmup's share is a seeded sample of rows (ids may repeat: rows never do)."""
+    from icons.warmup import warmup_rows
 
-    ids = [7, "b", 3, "a", 11, "z", 0, "q", 5, "m"]
-    picked = warmup_ids(ids, 0.5, seed=1)
-    assert len(picked) == 5 and len(set(map(repr, picked))) == 5
-    assert picked == [i for i in ids if i in picked]  # pool order
-    assert warmup_ids(ids, 0.5, seed=1) == picked and warmup_ids(ids, 0.5, seed=2) != picked
+    picked = warmup_rows(40, 0.25, seed=1)
+    assert len(picked) == 10 and picked == sorted(set(picked)) and all(0 <= k < 40 for k in picked)
+    assert warmup_rows(40, 0.25, seed=1) == picked and warmup_rows(40, 0.25, seed=2) != picked
+    assert warmup_rows(3, 0.01, seed=0) and len(warmup_rows(3, 0.01, seed=0)) == 1  # at least one row

@@ -148,9 +148,7 @@ def test_pool_of_kept_positions_and_ids(tmp_path):
     np.save(tmp_path / "keep.npy", keep)
     pool = LazyPool(path, index_file(path, tmp_path), tmp_path / "keep.npy", ids=["img-first", 7, "quotes"])
     assert [r["id"] for r in pool] == ["img-first", 7, "quotes"]
-    assert pool.positions_of(["quotes", "img-first"]) == [2, 0]
-    with pytest.raises(KeyError, match="text-only"):
-        pool.positions_of(["text-only"])
+    assert [pool.file_position(k) for k in range(3)] == [0, 2, 5] and pool.file_positions().tolist() == [0, 2, 5]
     clone = pickle.loads(pickle.dumps(pool))  # worker processes reopen the file
     assert list(clone) == list(pool)
 
@@ -205,8 +203,8 @@ def test_pool_presets_select_and_write_subsets_lazily(tmp_path, icons_cache, ima
     assert len(subset) == len(ids) == int(0.4 * len(recs))
     by_id = {r["id"]: r for r in recs}
     assert [r["id"] for r in subset] == ids and all(pool[int(i)]["id"] == rid for i, rid in zip(idx, ids))
-    assert subset == [pool[int(i)] for i in idx]  # the records as in the file (plus the <image> repair)
-    assert all(r == by_id[r["id"]] for r in subset if not r["id"].startswith("no-token"))
+    assert subset == [pool.raw(int(i)) for i in idx]  # the records exactly as in the file: no repair
+    assert all(r == by_id[r["id"]] for r in subset)
 
 
 def test_subset_refuses_an_index_whose_record_has_another_id(tmp_path):
@@ -220,15 +218,14 @@ def test_subset_refuses_an_index_whose_record_has_another_id(tmp_path):
 
 
 def test_warmup_and_training_read_only_their_records(tmp_path, monkeypatch):
-    """Warmup and training take records by id through positions_of, never a whole-pool copy."""
+    """Warmup and training take their records by row, never a whole-pool copy."""
     path = write_pool(tmp_path / "pool.jsonl", _multiply(records(), 20))
     pool = LazyPool(path, index_file(path, tmp_path))
     ids = pool.ids
     read = []
     real = LazyPool._read
-    monkeypatch.setattr(LazyPool, "_read", lambda self, pos: read.append(pos) or real(self, pos))
-    want = [ids[37], ids[3], ids[100]]
-    assert [pool[k]["id"] for k in pool.positions_of(want)] == want
+    monkeypatch.setattr(LazyPool, "_read", lambda self, pos, repair=True: read.append(pos) or real(self, pos, repair))
+    assert [pool[k]["id"] for k in (37, 3, 100)] == [ids[37], ids[3], ids[100]]
     assert sorted(read) == [3, 37, 100]
 
 

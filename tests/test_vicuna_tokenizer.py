@@ -97,3 +97,68 @@ def test_vicuna_tokenizer_loads_and_encodes_like_llava(vicuna_dir, tmp_path):
         assert [r[-1] for r in runs] == [tok.eos_token_id] * len(answers), rec["id"]
         assert [tok.decode(r[:-1]).strip() for r in runs] == answers, rec["id"]
         assert enc.length(rec) == len(e.input_ids)
+
+
+DIGIT_RECORDS = RECORDS + [
+    {"id": "digit", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nHow many apples?"}, {"from": "gpt", "value": "2"},
+        {"from": "human", "value": "And dogs?"}, {"from": "gpt", "value": "12"}]},
+    {"id": "digit-text", "conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "2"}]},
+]
+
+
+def _preprocess_v1_targets(text: str, tok, image_index: int, has_image: bool) -> list[int]:
+    """LLaVA's ``preprocess_v1`` label masking, written out from its arithmetic (llava/train/train.py):
+    rounds split at ``</s>``, each round's length and its instruction's length by re-tokenizing them
+    (``tokenizer_image_token`` with an image, ``tokenizer`` without), ``- 2`` for the bos and the
+    trailing '▁' of "ASSISTANT: ", one less for every round after the first when the tokenizer writes
+    no dummy-prefix '▁' after ``</s>`` (LLaVA tests ``not tokenizer.legacy``, which meant exactly that
+    under its pinned tokenizers 0.15; measured here, so that the arithmetic stays self-consistent)."""
+    ids = _llava_ids(text, tok, image_index) if has_image else tok(text).input_ids
+    target = list(ids)
+    length = (lambda s: len(_llava_ids(s, tok, image_index))) if has_image else (lambda s: len(tok(s).input_ids))
+    sep = " ASSISTANT: "
+    after_eos = tok("a</s>USER", add_special_tokens=False).input_ids
+    no_prefix_after_eos = len(after_eos) < len(tok("a</s>", add_special_tokens=False).input_ids) + len(
+        tok("USER", add_special_tokens=False).input_ids)
+    cur = 1
+    target[0] = IGNORE
+    for i, rou in enumerate(text.split("</s>")):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            break
+        parts[0] += sep
+        round_len, instruction_len = length(rou), length(parts[0]) - 2
+        if i != 0 and no_prefix_after_eos:
+            round_len, instruction_len = round_len - 1, instruction_len - 1
+        target[cur:cur + instruction_len] = [IGNORE] * instruction_len
+        cur += round_len
+    target[cur:] = [IGNORE] * (len(target) - cur)
+    assert cur == len(ids), "LLaVA's own check: a mismatch would mask the whole example"
+    return target
+
+
+def test_label_masking_equals_llavas_preprocess_v1_with_digit_answers(vicuna_dir, tmp_path):
+    """A SentencePiece tokenizer that splits digits writes '▁' then '2' for " 2": LLaVA keeps that '▁'
+    in the loss (its instruction length stops at the ':'), so icons does too."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(vicuna_dir)
+    image_id = llava15.add_image_token(tok)
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / "x.png")
+    pre = llava15.Preprocess(llava15.image_processor(tmp_path, 28))
+    enc = llava15.Encoder(tok, pre, n_image_tokens=4, max_length=512, image_root=tmp_path)
+    space = tok.convert_tokens_to_ids("▁")
+    kept_space = 0
+    for rec in DIGIT_RECORDS:
+        e = enc.encode(rec)
+        text, _ = TEMPLATES["vicuna_v1"].render(TEMPLATES["vicuna_v1"].turns(rec, True))
+        first_image = [k for k, t in enumerate(e.input_ids) if t == image_id][:1]
+        labels = [lab for k, (t, lab) in enumerate(zip(e.input_ids, e.labels))
+                  if t != image_id or k in first_image]  # one image index, as LLaVA's ids have
+        want = _preprocess_v1_targets(text, tok, image_id, "image" in rec)
+        assert labels == want, rec["id"]
+        kept_space += sum(1 for lab in labels if lab == space)
+    assert kept_space >= 3  # the digit answers' '▁' is in the loss

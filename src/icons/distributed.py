@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,10 +31,11 @@ def dist_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int]:
     """Join the process group named by the environment (once); no-op for a single process.
-    Returns (rank, world_size), the group's own once it is up (Lightning's environment for
-    processes it did not start deletes ``WORLD_SIZE`` when a fit ends)."""
+    ``timeout_s``: how long a collective may wait (``trainer.collective_timeout_s``; torch's own
+    default is 10 minutes for NCCL). Returns (rank, world_size), the group's own once it is up
+    (Lightning's environment for processes it did not start deletes ``WORLD_SIZE`` when a fit ends)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     rank, world, local = dist_env()
@@ -42,8 +46,39 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
             torch.cuda.set_device(local)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend, rank=rank, world_size=world, **timeout)
     return rank, world
+
+
+def wait_for_rank0(marker: Path, what: str, limit_s: float, poll_s: float = 1.0) -> None:
+    """Wait, outside any collective, until rank 0 has written ``marker`` (``<marker>.done`` or
+    ``<marker>.failed``): the rank-0-only stages (check, data, scores, select, subset, export) can
+    outlast any collective timeout. Raises one line when rank 0 failed or ``limit_s`` passed."""
+    done, failed = marker.with_suffix(".done"), marker.with_suffix(".failed")
+    t0 = time.monotonic()
+    while not done.exists():
+        if failed.exists():
+            raise RuntimeError(f"rank 0 failed in {what} ({failed.read_text().strip()}); this rank stops too")
+        if time.monotonic() - t0 > limit_s:
+            raise RuntimeError(f"waited {limit_s:.0f}s for rank 0 to finish {what} (trainer.rank0_wait_s={limit_s:g}); "
+                               f"raise it if rank 0 is still working (see its log), or look for why it stopped")
+        time.sleep(poll_s)
+
+
+def mark_rank0(marker: Path, ok: bool, detail: str = "") -> None:
+    """Rank 0's side of :func:`wait_for_rank0`."""
+    from .io import atomic_write_text
+
+    atomic_write_text(marker.with_suffix(".done" if ok else ".failed"), detail + "\n")
+
+
+def shared_token(rank: int, world: int) -> str:
+    """One value every rank of this job agrees on (rank 0's, broadcast): names this job's markers."""
+    token = [f"{os.getpid()}-{time.time_ns()}" if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
 
 
 def is_main_process() -> bool:
@@ -123,23 +158,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, threads: int | None, fn, args: tuple) -> None:
+def _worker(rank: int, world: int, port: int, threads: int | None, fn, args: tuple,
+            timeout_s: float | None = None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if threads:
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def spawn(fn, world: int, args: tuple = (), threads: int | None = None) -> None:
+def spawn(fn, world: int, args: tuple = (), threads: int | None = None, timeout_s: float | None = None) -> None:
     """Run ``fn(rank, world, *args)`` in ``world`` fresh CPU processes joined in a gloo process
     group (``fn`` must be importable: a module-level function). ``threads``: torch threads per
-    process (default: torch's own choice). Raises if any process fails."""
+    process (default: torch's own choice); ``timeout_s``: the group's collective timeout. Raises if
+    any process fails."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(world, free_port(), threads, fn, args), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), threads, fn, args, timeout_s), nprocs=world, join=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -37,10 +36,9 @@ from typing import Callable, Sequence
 
 from .config import LMMS_EVAL_TASKS
 from .models.template import adds_bos, speaks_vicuna, template_named
-from .io import atomic_write_text, config_hash, read_json, write_json
+from .io import config_hash, read_json, write_json
 
-INFO = "icons_export.json"
-COMMAND = "lmms_eval.sh"
+from .handoff import INFO, write_command
 #: bump when the exported files change meaning (part of every export's key)
 FORMAT = "icons-llava-hf-1"
 
@@ -202,8 +200,10 @@ def export(model, tokenizer, image_processor, out: str | Path, template: str, ke
     n, want = image_tokens(proc), expected_image_tokens(model)
     if n != want:
         raise ValueError(f"the processor expands <image> to {n} tokens, the model makes {want} image features")
+    import transformers
+
     info = {"key": key, "format": FORMAT, "source": source, "template": template, "dtype": dtype_name(model),
-            "image_tokens": n}
+            "image_tokens": n, "transformers": transformers.__version__}
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -212,37 +212,6 @@ def export(model, tokenizer, image_processor, out: str | Path, template: str, ke
 
     _write_atomic(out, write)
     return read_json(out / INFO)
-
-
-# ---------------------------------------------------------------- the lmms-eval command
-def default_output_path(model_dir: Path) -> Path:
-    return model_dir.with_name(model_dir.name + ".lmms_eval")
-
-
-def lmms_eval_command(model_dir: str | Path, output_path: str | Path, tasks: Sequence[str] = LMMS_EVAL_TASKS,
-                      dtype: str = "bfloat16", num_processes: int = 1) -> str:
-    """``accelerate launch -m lmms_eval --model llava_hf ...`` for an exported directory (llava_hf
-    generates with batch size 1 only)."""
-    model_dir = Path(model_dir).resolve()
-    if "," in str(model_dir):  # model_args is a comma-separated key=value list
-        raise ValueError(f"{model_dir}: lmms-eval's --model_args cannot hold a path with a comma")
-    return shlex.join(["accelerate", "launch", f"--num_processes={int(num_processes)}", "-m", "lmms_eval",
-                       "--model", "llava_hf", "--model_args", f"pretrained={model_dir},dtype={dtype}",
-                       "--tasks", ",".join(tasks), "--batch_size", "1", "--log_samples",
-                       "--output_path", str(Path(output_path).resolve())])
-
-
-def write_command(out: Path, tasks: Sequence[str] = LMMS_EVAL_TASKS, num_processes: int = 1,
-                  output_path: str | Path | None = None) -> str:
-    """Write ``lmms_eval.sh`` into the export (and the command into its info); returns the command."""
-    info = read_json(out / INFO)
-    cmd = lmms_eval_command(out, output_path or default_output_path(out), tasks, info["dtype"], num_processes)
-    atomic_write_text(out / COMMAND, "#!/bin/sh\n# lmms-eval's llava_hf on this merged checkpoint (icons.export). "
-                      "llava_in_the_wild is judged by GPT-4: it needs OPENAI_API_KEY.\n" + cmd + "\n")
-    os.chmod(out / COMMAND, 0o755)
-    if info.get("lmms_eval") != cmd:
-        write_json(out / INFO, dict(info, lmms_eval=cmd))
-    return cmd
 
 
 def export_trained(trained: str | Path, out: str | Path, key: str, template: str, image_processor,

@@ -21,12 +21,19 @@ def normalise_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
+#: the Adam direction's form, part of the features stage's key (a result of another form is not reused)
+ADAM_FORM = "less: m1 / sqrt(v1 + eps)"
+
+
 def adam_precondition(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta1: float, beta2: float,
                       eps: float) -> torch.Tensor:
-    """LESS's Adam direction for one step from the checkpoint's (read-only) moments."""
+    """LESS's Adam direction for one step from the checkpoint's (read-only) moments, exactly as
+    LESS computes it (``collect_grad_reps.obtain_gradients_with_adam``): ``m1 / sqrt(v1 + eps)``,
+    eps inside the root, no bias correction. With most second moments far below eps (a 7B LoRA's
+    are), this is not ``m1 / (sqrt(v1) + eps)``: eps then bounds the step instead of vanishing."""
     m1 = beta1 * m + (1 - beta1) * g
     v1 = beta2 * v + (1 - beta2) * g * g
-    return m1 / (v1.sqrt() + eps)
+    return m1 / (v1 + eps).sqrt()
 
 
 def group_of(record: dict) -> str:

@@ -41,9 +41,10 @@ def strategy(trainer_cfg, model=None):
 
 
 def wrap_policy(model):
-    """FSDP units: every decoder/vision layer (``_no_split_modules``) and, inside a layer that mixes
-    frozen and trainable weights (LoRA), every trainable leaf on its own, so that no unit mixes
-    them (a bf16 base with fp32 LoRA weights cannot share one flat parameter)."""
+    """FSDP units: every decoder/vision layer (``_no_split_modules``) and every leaf with trainable
+    weights on its own (LoRA matrices inside the layers, the projector's linears outside them), so
+    that no unit mixes frozen and trainable weights (a bf16 base with fp32 trainable weights,
+    ``train.trainable_in_fp32``, cannot share one flat parameter)."""
     from torch.distributed.fsdp.wrap import CustomPolicy
 
     layers = set(getattr(_inner(model), "_no_split_modules", None) or ())
@@ -52,10 +53,9 @@ def wrap_policy(model):
         if type(module).__name__ not in layers:
             continue
         chosen.add(id(module))
-        flags = {p.requires_grad for p in module.parameters()}
-        if flags == {True, False}:
-            chosen.update(id(m) for m in module.modules() if not list(m.children())
-                          and any(p.requires_grad for p in m.parameters(recurse=False)))
+    if {p.requires_grad for p in model.parameters()} == {True, False}:
+        chosen.update(id(m) for m in model.modules() if not list(m.children())
+                      and any(p.requires_grad for p in m.parameters(recurse=False)))
     return CustomPolicy(lambda m: id(m) in chosen)
 
 

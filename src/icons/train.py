@@ -307,23 +307,41 @@ def make_trainer(trainer_cfg=None, max_steps: int = -1, logger=False, callbacks=
     tc = trainer_cfg
     distributed.check_launch(distributed.world_size(tc))
     callbacks = list(callbacks or [])
+    precision = getattr(tc, "precision", "32-true")
+    if precision in ("32-true", "32") and model is not None and any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        precision = "bf16-mixed"  # fp32 trainable weights on a bf16 base (trainable_in_fp32) meet under autocast
     bar = bool(getattr(tc, "progress_bar", True))
     if bar:  # about 200 refreshes a run: a log file stays small
         callbacks.append(StepBar(label, refresh_rate=max(1, max_steps * accumulate // 200)))
     return L.Trainer(
         accelerator=getattr(tc, "accelerator", "cpu"), devices=getattr(tc, "devices", 1),
         num_nodes=getattr(tc, "num_nodes", 1), strategy=parallel.strategy(tc, model),
-        precision=getattr(tc, "precision", "32-true"), max_steps=max_steps, max_epochs=1,
+        precision=precision, max_steps=max_steps, max_epochs=1,
         accumulate_grad_batches=accumulate, use_distributed_sampler=False,  # ShuffledBatches shards itself
         logger=logger, callbacks=callbacks, enable_checkpointing=False,
         enable_progress_bar=bar, enable_model_summary=False, gradient_clip_val=grad_clip or None,
         num_sanity_val_steps=0, log_every_n_steps=log_every)
 
 
+def trainable_in_fp32(model) -> int:
+    """Every trainable parameter as float32 (so AdamW keeps fp32 master weights and fp32 moments),
+    the frozen base as loaded: a bf16 projector at lr 2e-5 would lose most of each update to bf16
+    rounding. A bf16 base then runs under bf16 autocast (``trainer.precision=bf16-mixed``). Returns
+    how many parameters were cast."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast += 1
+    return cast
+
+
 def fit(model, batches: torch.utils.data.IterableDataset, optim: OptimConfig, trainer_cfg=None,
         logger=False, label: str = "train", log_every: int = 50) -> LlavaModule:
     """Train ``model`` in place on ``batches``; returns the module (losses and lrs per step). Under
-    FSDP only rank 0's ``model`` holds the trained weights afterwards (the others are empty)."""
+    FSDP only rank 0's ``model`` holds the trained weights afterwards (the others are empty).
+    Trainable weights are kept in float32 (:func:`trainable_in_fp32`)."""
+    trainable_in_fp32(model)
     steps = batches.steps
     module = LlavaModule(model, optim, steps)
     gather = GatherModel()

@@ -35,11 +35,11 @@ from .train import LlavaModule, OptimConfig, Progress, batches_for, make_trainer
 log = logging.getLogger(__name__)
 
 
-def warmup_ids(pool_ids: list, fraction: float, seed: int) -> list:
-    """A seeded random ``fraction`` of the pool, in pool order (ids may be ints or strings, as the
-    user's JSON has them: they are never compared with each other)."""
-    n = max(1, int(round(fraction * len(pool_ids))))
-    return [pool_ids[i] for i in sorted(random.Random(seed).sample(range(len(pool_ids)), n))]
+def warmup_rows(n: int, fraction: float, seed: int) -> list[int]:
+    """A seeded random ``fraction`` of the pool's ``n`` rows, in pool order (rows, not ids: ids
+    may repeat)."""
+    k = max(1, int(round(fraction * n)))
+    return sorted(random.Random(seed).sample(range(n), k))
 
 
 class EpochCheckpoints(L.Callback):

@@ -22,6 +22,7 @@ DATA_KIND_CHOICES = ("mini_llava", "llava_json")
 #: from the real benchmarks' files by ``python -m icons.data.benchmarks`` (no test splits: lmms-eval)
 TASKS_KIND_CHOICES = ("mini_llava", "llava_benchmarks")
 ON_BAD_RECORD_CHOICES = ("error", "skip")
+REPEATED_ID_CHOICES = ("warn", "error")
 ACCELERATOR_CHOICES = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
 #: Lightning strategies icons runs on: one device, DDP (find_unused: full-mode training leaves the
 #: projector without a gradient on a text-only micro-batch) and FSDP (GPU only, full state dicts).
@@ -159,6 +160,9 @@ class ModelConfig:
     text_layers: int = 4
     text_heads: int = 4
     max_length: int = 160
+    #: recompute layer activations in the backward pass (warmup, training, feature extraction):
+    #: memory, not results; on for LLaVA-1.5 (its recipe trains with it), off for the tiny model
+    gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
@@ -218,6 +222,9 @@ class DataConfig:
     #: directory the records' ``image`` paths are relative to
     image_root: Optional[str] = None
     on_bad_record: str = "error"
+    #: a record whose id an earlier record has: warn (ids are labels: listed by the check, kept;
+    #: LLaVA-665K's COCO-derived records share their image's id) | error (a problem of that record)
+    repeated_ids: str = "warn"
     #: mini_llava: family weights replacing the default pool's make-up, e.g. {mc: 0.6, science: 0.4};
     #: null = the default (families.FAMILY_SHARES). Typed Any: a typed dict node is closed to new
     #: keys, and OmegaConf cannot merge a dict into a None Dict node; checked below instead.
@@ -251,6 +258,7 @@ class DataConfig:
         if not total < 1.0:
             raise FieldError(names, round(total, 12), "must be < 1")
         _check_choice(self, "on_bad_record", ON_BAD_RECORD_CHOICES)
+        _check_choice(self, "repeated_ids", REPEATED_ID_CHOICES)
 
 
 @dataclass
@@ -297,6 +305,10 @@ class TrainerConfig:
     micro_batch_size: Optional[int] = None
     #: Lightning's progress bar in warmup, training, feature extraction and evaluation
     progress_bar: bool = True
+    #: torchrun/srun: how long a collective may wait (data-parallel stages; torch's NCCL default is 600)
+    collective_timeout_s: int = 1800
+    #: torchrun/srun: how long the other ranks wait for a stage rank 0 runs alone (outside collectives)
+    rank0_wait_s: int = 86400
 
     def __post_init__(self) -> None:
         _check_choice(self, "accelerator", ACCELERATOR_CHOICES)
@@ -306,6 +318,7 @@ class TrainerConfig:
             raise FieldError("strategy", self.strategy, f"needs a GPU ({{prefix}}accelerator={self.accelerator})")
         _check_choice(self, "precision", PRECISION_CHOICES)
         _non_negative(self, "num_workers", "threads")
+        _positive(self, "collective_timeout_s", "rank0_wait_s")
         if self.micro_batch_size is not None:
             _positive(self, "micro_batch_size")
 

@@ -41,14 +41,15 @@ CONSENSUS_CHOICES = ("vote", "mean", "max", "rank", "norm", "merge")
 TIE_BREAK_CHOICES = ("mean_rank", "index", "random")
 SELECTOR_CHOICES = ("full", "random", "icons")
 #: lmms-eval's task names for the paper's ten benchmarks, in DEFAULT_TASKS's order. Local-scoring
-#: splits: VQAv2 val, VizWiz val and MMBench dev (the test splits are scored by submission servers);
-#: llava_in_the_wild is judged by GPT-4.
+#: splits: VQAv2 val (the paper reports test-dev, scored by EvalAI from vqav2_test's submission file),
+#: VizWiz val and MMBench dev; TextVQA with its OCR tokens in the prompt, as LLaVA-1.5 evaluates it
+#: (textvqa_val_ocr: written by the export's script, handoff.py); llava_in_the_wild is judged by GPT-4.
 LMMS_EVAL_TASKS: tuple[str, ...] = (
     "vqav2_val",
     "gqa",
     "vizwiz_vqa_val",
     "scienceqa_img",
-    "textvqa_val",
+    "textvqa_val_ocr",
     "pope",
     "mme",
     "mmbench_en_dev",

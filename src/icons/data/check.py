@@ -19,11 +19,11 @@ SHOW = 20
 
 
 def _scan(path: Path, image_root: Path | None, encoder, with_answer: bool, role: str, task: str | None,
-          fatal: list[dict]) -> tuple[dict, ReadResult | None]:
+          fatal: list[dict], repeated_ids: str) -> tuple[dict, ReadResult | None]:
     info = {"role": role, "task": task, "file": str(path)}
     try:  # the pool's good records are counted, not kept: it may be several GB
         res = scan_file(path, image_root, encoder=encoder, with_answer=with_answer, keep_records=role != "pool",
-                        task=task)
+                        task=task, repeated_ids=repeated_ids)
     except PoolFileError as err:
         fatal.extend(err.problems)
         return {**info, "error": str(err)}, None
@@ -39,15 +39,17 @@ def _scan(path: Path, image_root: Path | None, encoder, with_answer: bool, role:
 def check_inputs(cfg: DictConfig, sources: DataSources | None = None, encoder=None) -> dict:
     """Validate the pool and every task file; nothing is raised for bad records.
 
-    Returns ``{"files": [per-file stats], "problems": [...], "fatal": [...], "truncated": [...]}``
-    (``fatal``: problems that no skipping cures; they are also in ``problems``)."""
+    Returns ``{"files": [per-file stats], "problems": [...], "fatal": [...], "truncated": [...],
+    "repeated": [...]}`` (``fatal``: problems that no skipping cures, also in ``problems``;
+    ``repeated``: records whose id an earlier record of the same file has, with both positions)."""
     src = sources or data_sources(cfg)
     if encoder is None:
         from ..models.loading import check_encoder
 
         encoder = check_encoder(cfg)
     enc = encoder
-    files, problems, fatal, truncated = [], [], [], []
+    files, problems, fatal, truncated, repeated = [], [], [], [], []
+    policy = cfg.data.get("repeated_ids", "warn")
     jobs = [(src.pool, src.image_root, True, "pool", None)]
     for task in cfg.tasks.names:
         jobs.append((src.val[task], src.task_root(task), True, "val", task))
@@ -55,13 +57,14 @@ def check_inputs(cfg: DictConfig, sources: DataSources | None = None, encoder=No
             jobs.append((src.test[task], src.task_root(task), False, "test", task))
     for path, root, with_answer, role, task in jobs:
         n_fatal = len(fatal)
-        info, res = _scan(Path(path), root, enc, with_answer, role, task, fatal)
+        info, res = _scan(Path(path), root, enc, with_answer, role, task, fatal, policy)
         files.append(info)
         if res is not None:
             problems += res.problems
             truncated += res.truncated
+            repeated += res.repeated
         problems += fatal[n_fatal:]
-    return {"files": files, "problems": problems, "fatal": fatal, "truncated": truncated,
+    return {"files": files, "problems": problems, "fatal": fatal, "truncated": truncated, "repeated": repeated,
             "max_length": enc.max_length}
 
 
@@ -76,7 +79,8 @@ def summary_lines(report: dict) -> list[str]:
     for f in report["files"]:
         if "error" in f:
             desc = f"cannot be read: {f['error']}"
-        elif f["role"] != "pool" and f["ok"] == f["records"] and not (f["fixes"] or f["image_modes"] or f["truncated"]):
+        elif f["role"] != "pool" and f["ok"] == f["records"] and not (f["fixes"] or f["image_modes"] or f["truncated"]
+                                                                       or f.get("repeated_ids")):
             desc = f"{f['ok']} ok"
         else:
             desc = (f"{f['records']} records ({f['with_image']} with image, {f['text_only']} text-only): "
@@ -89,6 +93,8 @@ def summary_lines(report: dict) -> list[str]:
                 desc += f"; converted to RGB: {_counts(f['image_modes'])}"
             if f["truncated"]:
                 desc += f"; answers cut to max_length={report['max_length']}: {f['truncated']}"
+            if f.get("repeated_ids"):
+                desc += f"; repeated ids (kept): {f['repeated_ids']}"
         if f["role"] == "pool":
             lines.append(f"pool {f['file']}: {desc}")
         else:
@@ -101,6 +107,12 @@ def summary_lines(report: dict) -> list[str]:
                           for t in cut[:5])
         lines.append(f"{len(cut)} record(s) longer than model.max_length={report['max_length']} keep their image; "
                      f"their answer text is cut: {shown}{' ...' if len(cut) > 5 else ''}")
+    rep = report.get("repeated", [])
+    if rep:
+        shown = ", ".join(f"{Path(r['file']).name} record {r['position']} id {r['id']!r} (as record "
+                          f"{r['first_position']})" for r in rep[:5])
+        lines.append(f"{len(rep)} record(s) repeat an earlier record's id; ids are labels, every record is kept "
+                     f"(data.repeated_ids=error refuses them): {shown}{' ...' if len(rep) > 5 else ''}")
     probs = report["problems"]
     lines.append(f"{len(probs)} problem(s)" + (f" by kind: {_counts(problem_kinds(probs))}" if probs else ""))
     lines += [f"  {format_problem(p)}" for p in probs[:SHOW]]

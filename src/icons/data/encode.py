@@ -109,7 +109,7 @@ class ConversationEncoder:
         n_tokens = sum(t["value"].count(IMAGE_TOKEN) for t in record["conversations"])
         if n_tokens > 1:
             raise ValueError(f"record {record.get('id')!r}: {n_tokens} {IMAGE_TOKEN} tokens; one image per record")
-        if n_tokens and record.get("image") is None and pixels is None:
+        if n_tokens and not has_image(record) and pixels is None:
             raise ValueError(f"record {record.get('id')!r}: {IMAGE_TOKEN} in the text but no image")
         ids, labels = self._ids_labels(record, with_answer)
         if pixels is None and load_image and self.image_id in ids:
@@ -131,9 +131,21 @@ class Encoder(ConversationEncoder):
                          partial(pixels_uint8, image_size=image_size), image_root)
 
 
+#: ``image`` values that mean "no image": Cambrian-7M writes these for its text-only records, and
+#: its own loader reads them so (``str(sample["image"]) in ["", "None", "none", "nan"]``)
+NO_IMAGE = ("", "None", "none", "nan")
+
+
+def has_image(record: dict) -> bool:
+    """Whether the record has an image: an ``image`` field that is not null and not one of
+    :data:`NO_IMAGE` (a float NaN from a CSV-derived file reads as ``"nan"`` too)."""
+    value = record.get("image")
+    return value is not None and str(value) not in NO_IMAGE
+
+
 def image_path(record: dict, image_root: Path | None) -> Path | None:
     """The record's image file (relative paths are under ``image_root``); None if text-only."""
-    if record.get("image") is None:
+    if not has_image(record):
         return None
     path = Path(record["image"])
     return image_root / path if image_root is not None and not path.is_absolute() else path

@@ -9,11 +9,14 @@ Public API::
 
     result = validate_records(records, file="...", image_root=...)   # records already in memory
 
-A record is good when it has an id (string or integer, unique in the file), a non-empty
+A record is good when it has an id (string or integer: a label, kept as given; a repeated one is
+listed in ``result.repeated`` with both positions, and is a problem only with
+``repeated_ids="error"``: a record's identity is its position in the file), a non-empty
 ``conversations`` list whose turns alternate ``human``/``gpt`` starting with ``human`` and ending
 with ``gpt`` (each turn an object with a string ``value``), at most one ``<image>`` token and only
 in human turns, a ``<image>`` token only when it has an ``image``, and an ``image`` (path relative
-to ``image_root`` unless absolute) that exists and decodes completely. Given an
+to ``image_root`` unless absolute) that exists and decodes completely. An ``image`` of null, ``""``,
+``"None"``, ``"none"`` or ``"nan"`` means text-only, as Cambrian's loader reads it. Given an
 :class:`~icons.data.encode.Encoder`, a record must also fit the model: a prompt whose image tokens
 would be cut by ``max_length`` is a problem; a record whose answer text is cut is counted
 (``stats["truncated"]``) and listed in ``result.truncated``, never dropped.
@@ -45,7 +48,7 @@ from typing import Any, Iterable
 
 from PIL import Image, UnidentifiedImageError
 
-from .encode import image_path
+from .encode import has_image, image_path
 # the reading half (records.py): what a caller of this module also needs to name
 from .records import (FILE_PROBLEM_KINDS, PROBLEM_KINDS, BadInputError, PoolFileError, _file_error, file_signature,
                       format_problem, is_jsonl, iter_records, iter_spans, parse_line, problem, summary_error)
@@ -58,6 +61,9 @@ __all__ = [
 
 IMAGE_TOKEN = "<image>"
 ROLES = ("human", "gpt")
+#: what a repeated id is: ``warn`` (a label shared by several records, listed and kept: LLaVA-665K's
+#: COCO-derived records carry their image's id) or ``error`` (a problem of the later record)
+REPEATED_IDS = ("warn", "error")
 
 
 # --------------------------------------------------------------------------- images
@@ -115,6 +121,8 @@ class ReadResult:
     problems: list[dict] = field(default_factory=list)
     #: records whose answer text was cut to max_length: {file, position, line, id, tokens, max_length}
     truncated: list[dict] = field(default_factory=list)
+    #: records whose id an earlier record already has: {file, position, line, id, first_position}
+    repeated: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
 
     @property
@@ -130,7 +138,7 @@ class ReadResult:
 def with_image_token(rec: dict) -> dict:
     """LLaVA's repair: an image record without ``<image>`` in any human turn gets it at the start
     of its first human turn (the record itself is returned when nothing is missing)."""
-    if rec.get("image") is None:
+    if not has_image(rec):
         return rec
     conv = rec["conversations"]
     if any(t["from"] == "human" and IMAGE_TOKEN in t["value"] for t in conv):
@@ -140,13 +148,16 @@ def with_image_token(rec: dict) -> dict:
 
 class _Validator:
     def __init__(self, file: str | Path, image_root: str | Path | None, encoder=None, with_answer: bool = True,
-                 keep_records: bool = True, task: str | None = None):
+                 keep_records: bool = True, task: str | None = None, repeated_ids: str = "warn"):
         self.file = str(file)
         self.image_root = Path(image_root) if image_root is not None else None
         self.encoder = encoder
         self.with_answer = with_answer
         self.keep_records = keep_records
         self.task = task
+        if repeated_ids not in REPEATED_IDS:
+            raise ValueError(f"repeated_ids={repeated_ids!r} must be one of {', '.join(REPEATED_IDS)}")
+        self.repeated_ids = repeated_ids
         self.seen: dict[Any, int] = {}
         self.result = ReadResult(self.file)
         self.counts = Counter()
@@ -171,15 +182,15 @@ class _Validator:
             self._bad(probs)
             return
         rid = rec.get("id")
-        self._check_id(rec, pos, bad)
+        self._check_id(rec, pos, line, bad)
         if self.task is not None:
             self._check_task(rec, bad)
-        has_image = rec.get("image") is not None
-        self.counts["with_image" if has_image else "text_only"] += 1
-        fixed = self._check_conversations(rec, has_image, bad)
-        mode = self._check_image(rec, has_image, bad) if has_image else None
+        image = has_image(rec)
+        self.counts["with_image" if image else "text_only"] += 1
+        fixed = self._check_conversations(rec, image, bad)
+        mode = self._check_image(rec, image, bad) if image else None
         if fixed is not None and not probs and self.encoder is not None:
-            self._check_length(fixed, pos, line, has_image, bad)
+            self._check_length(fixed, pos, line, image, bad)
         if probs:
             self._bad(probs)
             return
@@ -195,7 +206,7 @@ class _Validator:
         self.result.problems.extend(probs)
         self.kinds.update(p["kind"] for p in probs)
 
-    def _check_id(self, rec: dict, pos: int, bad) -> None:
+    def _check_id(self, rec: dict, pos: int, line: int | None, bad) -> None:
         if "id" not in rec:
             bad("id", "missing_id", "record has no 'id' (every row is kept by its id)")
             return
@@ -207,8 +218,14 @@ class _Validator:
             bad("id", "bad_id", "must not be empty")
             return
         first = self.seen.setdefault(rid, pos)
-        if first != pos:
-            bad("id", "duplicate_id", f"id {rid!r} is already used by record {first} (ids must be unique)")
+        if first == pos:
+            return
+        if self.repeated_ids == "error":
+            bad("id", "duplicate_id", f"id {rid!r} is already used by record {first} (data.repeated_ids=error)")
+        else:  # LLaVA-665K's COCO-derived records share their image's id: a label, kept, listed
+            self.counts["repeated_ids"] += 1
+            self.result.repeated.append({"file": self.file, "position": pos, "line": line, "id": rid,
+                                         "first_position": first})
 
     def _check_task(self, rec: dict, bad) -> None:
         # a task file's records belong to its task (a file saved under another task's name is caught)
@@ -321,21 +338,22 @@ class _Validator:
         r.stats = {"records": self.counts["records"], "ok": len(r.positions), "bad": self.counts["bad"],
                    "with_image": self.counts["with_image"], "text_only": self.counts["text_only"],
                    "problems": dict(sorted(self.kinds.items())), "fixes": dict(sorted(self.fixes.items())),
-                   "image_modes": dict(sorted(self.modes.items())), "truncated": self.counts["truncated"]}
+                   "image_modes": dict(sorted(self.modes.items())), "truncated": self.counts["truncated"],
+                   "repeated_ids": self.counts["repeated_ids"]}
         return r
 
 
 def validate_records(records: Iterable[Any], *, file: str | Path = "<records>", image_root: str | Path | None = None,
-                     encoder=None, with_answer: bool = True) -> ReadResult:
+                     encoder=None, with_answer: bool = True, repeated_ids: str = "warn") -> ReadResult:
     """Validate records already in memory (positions = their order). See the module docstring."""
-    v = _Validator(file, image_root, encoder, with_answer)
+    v = _Validator(file, image_root, encoder, with_answer, repeated_ids=repeated_ids)
     for pos, rec in enumerate(records):
         v.add(pos, None, rec)
     return v.finish()
 
 
 def scan_file(path: str | Path, image_root: str | Path | None = None, *, encoder=None, with_answer: bool = True,
-              keep_records: bool = True, task: str | None = None) -> ReadResult:
+              keep_records: bool = True, task: str | None = None, repeated_ids: str = "warn") -> ReadResult:
     """Validate every record of a file and return all of it (good records, problems, counts), with
     no policy: only a problem with the file as a whole raises (:class:`PoolFileError`).
 
@@ -343,7 +361,7 @@ def scan_file(path: str | Path, image_root: str | Path | None = None, *, encoder
     ``task``: the file is that task's set (records naming another ``task`` are problems)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    v = _Validator(path, root, encoder, with_answer, keep_records, task)
+    v = _Validator(path, root, encoder, with_answer, keep_records, task, repeated_ids)
     for pos, line, rec, prob in iter_records(path):
         v.add(pos, line, rec, prob)
     return v.finish()
@@ -368,13 +386,13 @@ def apply_policy(result: ReadResult, on_bad_record: str) -> ReadResult:
 
 
 def read_pool(path: str | Path, image_root: str | Path | None = None, on_bad_record: str = "error", *,
-              encoder=None, with_answer: bool = True, keep_records: bool = True, task: str | None = None
-              ) -> ReadResult:
+              encoder=None, with_answer: bool = True, keep_records: bool = True, task: str | None = None,
+              repeated_ids: str = "warn") -> ReadResult:
     """Read and validate a LLaVA ``.json``/``.jsonl`` file (:func:`scan_file`, then
     :func:`apply_policy`). ``image_root`` defaults to the file's directory. The whole file is read
     before ``on_bad_record="error"`` raises."""
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record={on_bad_record!r} must be 'error' or 'skip'")
     result = scan_file(path, image_root, encoder=encoder, with_answer=with_answer, keep_records=keep_records,
-                       task=task)
+                       task=task, repeated_ids=repeated_ids)
     return apply_policy(result, on_bad_record)

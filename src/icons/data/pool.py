@@ -8,7 +8,11 @@ file records where each record lies (:func:`build_index`: start byte, end byte, 
 
     index = index_file(path, run_dir / "data" / "index")
     pool = LazyPool(path, index, positions=None, ids=None)   # positions: the kept records (skip policy)
-    pool[3], len(pool), pool.ids, pool.positions_of(["id-7", "id-2"])
+    pool[3], len(pool), pool.ids, pool.file_position(3), pool.raw(3)
+
+A pool row is its index here; its identity in the source file is its position there
+(``file_position``), never its id: real files repeat ids (LLaVA-665K's COCO-derived records carry
+their image's id), and an id is only a label that travels with the row.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import os
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -103,15 +107,14 @@ class LazyPool(Sequence):
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"pool index {i} out of range (pool of {n})")
-        i = int(i) % n
-        return self._read(int(self._keep[i]) if self._keep is not None else i)
+        return self._read(self.file_position(int(i) % n))
 
     def _handle(self) -> int:
         if self._fd is None or self._pid != os.getpid():  # one descriptor per process (fork-safe)
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         return self._fd
 
-    def _read(self, pos: int) -> dict:
+    def _read(self, pos: int, repair: bool = True) -> dict:
         start, end, line = (int(x) for x in self._index[pos])
         raw = os.pread(self._handle(), end - start, start)
         if self._jsonl:
@@ -123,7 +126,7 @@ class LazyPool(Sequence):
                            f"record is a JSON {type(rec).__name__}, expected an object")
         if prob is not None:  # validated records never get here; an unchecked or edited file may
             raise BadInputError(f"bad input: {format_problem(prob)}", [prob])
-        return with_image_token(rec) if isinstance(rec.get("conversations"), list) else rec
+        return with_image_token(rec) if repair and isinstance(rec.get("conversations"), list) else rec
 
     @property
     def ids(self) -> list:
@@ -132,16 +135,17 @@ class LazyPool(Sequence):
             self._ids = [r.get("id") for r in self]
         return self._ids
 
-    def positions_of(self, ids: Iterable[Any]) -> list[int]:
-        """Pool indices of ``ids``, in their order, through one pass over the ids (no id -> index
-        map of the whole pool). Raises KeyError naming ids that are not in the pool."""
-        wanted = list(ids)
-        need = set(wanted)
-        where = {rid: k for k, rid in enumerate(self.ids) if rid in need}
-        missing = [rid for rid in wanted if rid not in where]
-        if missing:
-            raise KeyError(f"{len(missing)} id(s) not in the pool {self.path}: {missing[:5]}")
-        return [where[rid] for rid in wanted]
+    def file_position(self, i: int) -> int:
+        """The position in the source file of pool row ``i`` (the row itself without a skip policy)."""
+        return int(self._keep[i]) if self._keep is not None else int(i)
+
+    def file_positions(self):
+        """Every row's position in the source file, in pool order."""
+        return np.asarray(self._keep, dtype=np.int64) if self._keep is not None else np.arange(len(self), dtype=np.int64)
+
+    def raw(self, i: int) -> dict:
+        """Pool row ``i`` exactly as the file has it (no ``<image>`` repair): what a subset file holds."""
+        return self._read(self.file_position(i), repair=False)
 
 
 def _parse_element(path: Path, pos: int, raw: bytes) -> tuple[Any, dict | None]:

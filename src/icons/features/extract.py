@@ -59,11 +59,20 @@ def _exact_scores(blocks, means: dict[str, torch.Tensor]) -> torch.Tensor:
 
 class GradientSteps(L.LightningModule):
     """``predict_step``: ``rows_fn(sub, items)`` for one planned batch, split in halves when it
-    runs out of device memory (``plan.oom_split``); returns ``[(sub_rows, result), ...]``."""
+    runs out of device memory (``plan.oom_split``); returns ``[(sub_rows, result), ...]``.
 
-    def __init__(self, model, pe: PerExampleGrads, rows_fn, retries: list[int]):
+    ``checkpointing``: the model recomputes its layers' activations in the backward pass, which HF
+    does only in training mode; the model is then put in training mode (it has no dropout: see
+    ``loading.dropout_free``). The hooks see each LoRA matrix's input and output gradient once:
+    the recomputation's copies are the same tensors' values under the same names."""
+
+    def __init__(self, model, pe: PerExampleGrads, rows_fn, retries: list[int], checkpointing: bool = False):
         super().__init__()
         self.model, self.pe, self.rows_fn, self.retries = model, pe, rows_fn, retries
+        self.checkpointing = checkpointing
+
+    def on_predict_model_eval(self) -> None:
+        self.model.train(self.checkpointing)
 
     def predict_step(self, batch: Rows, batch_idx: int = 0):
         return oom_split(lambda sub: self.rows_fn(sub, batch.data), batch.idx, self.retries, self.pe)
@@ -109,7 +118,7 @@ class StoreWriter(BasePredictionWriter):
 def extract(model, encoder: Encoder, pool: list[dict], val: list[dict], out_dir: Path, moments: tuple | None,
             projection: str, dim: int, seed: int, batch_size: int, dtype: str = "float32",
             save_every_s: float = 30.0, rank: int = 0, world_size: int = 1, max_tokens: int | None = None,
-            trainer_cfg=None) -> dict:
+            trainer_cfg=None, checkpointing: bool = False) -> dict:
     """Features and group scores at one checkpoint (``model`` already holds its LoRA weights and
     sits on its device).
 
@@ -123,6 +132,9 @@ def extract(model, encoder: Encoder, pool: list[dict], val: list[dict], out_dir:
     flushed). Every process computes the (small) validation means itself, rank 0 writes them. The
     store is finished when every row is done: whichever process sees that writes ``meta.json``.
     The result has ``complete`` (all rows done) and ``rows_done`` (by this process).
+
+    ``checkpointing``: gradient checkpointing on the model's layers (memory for larger batches;
+    the same features); a model with dropout is extracted without it.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if world_size < 1 or not 0 <= rank < world_size:
@@ -130,6 +142,11 @@ def extract(model, encoder: Encoder, pool: list[dict], val: list[dict], out_dir:
     t0 = time.time()
     retries: list[int] = []  # sizes of batches split in halves after running out of memory
     device = next(model.parameters()).device
+    if checkpointing:
+        from ..models.loading import dropout_free, set_gradient_checkpointing
+
+        checkpointing = dropout_free(model)
+        set_gradient_checkpointing(model, checkpointing)
     with PerExampleGrads(model) as pe:
         proj = make_projection(projection, pe.dim, dim, seed, layout=[(n, tuple(p.shape)) for n, p in pe.params])
         made = {"projection": proj.meta(), "grad_dim": pe.dim}
@@ -138,7 +155,7 @@ def extract(model, encoder: Encoder, pool: list[dict], val: list[dict], out_dir:
 
         def run_loop(plan, rows_fn, make, label, done=0, total=None, callbacks=()):
             trainer = predictor(trainer_cfg, label, done, total, grad=True, callbacks=callbacks)
-            return trainer.predict(GradientSteps(model, pe, rows_fn, retries), loader(plan, make),
+            return trainer.predict(GradientSteps(model, pe, rows_fn, retries, checkpointing), loader(plan, make),
                                    return_predictions=not callbacks)
 
         # ---- validation: one mean vector per group (per LoRA matrix, in the exact mode)
@@ -209,6 +226,7 @@ def extract(model, encoder: Encoder, pool: list[dict], val: list[dict], out_dir:
         if complete:
             write_json(out_dir / "meta.json", meta)
         del scores, feats, done, writer
+    model.eval()
     return {**meta, "complete": complete, "rank": rank, "rows_done": sum(len(b) for b in todo)}
 
 

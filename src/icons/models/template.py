@@ -58,17 +58,18 @@ class ChatTemplate:
         return out
 
     def render(self, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-        """The prompt text and the character spans of the answers, each with its ``</s>``. A
-        conversation that ends with the user's turn gets the generation prompt ``ASSISTANT:``."""
+        """The prompt text and the character spans of the answers, each from the space after
+        ``ASSISTANT:`` to its ``</s>``. A conversation that ends with the user's turn gets the
+        generation prompt ``ASSISTANT:``."""
         text = self.system + self.sep if self.system else ""
         spans = []
         for role, msg in turns:
-            text += role + ": "
+            text += role + ":"
             if role == self.roles[0]:
-                text += msg + self.sep
-            else:
-                start = len(text)
-                text += msg + self.sep2
+                text += " " + msg + self.sep
+            else:  # the span starts at the space: LLaVA's preprocess_v1 keeps the '▁' a SentencePiece
+                start = len(text)  # tokenizer writes before a digit answer in the loss
+                text += " " + msg + self.sep2
                 spans.append((start, len(text)))
         if not turns or turns[-1][0] == self.roles[0]:
             text += self.roles[1] + ":"

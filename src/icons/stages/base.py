@@ -12,9 +12,14 @@ from ..pipeline.cached import cached_stage
 from ..pipeline.rundir import Run, section
 
 
+#: model settings that change memory or speed, not the model: left out of the key
+NOT_THE_MODEL = ("gradient_checkpointing",)
+
+
 def stage_base(run: Run) -> dict:
     out = run.run_dir / "base"
-    key = config_hash(section(run.cfg, "model"))
+    model = section(run.cfg, "model")
+    key = config_hash({"model": {k: v for k, v in model["model"].items() if k not in NOT_THE_MODEL}})
     return cached_stage(run, "base", out, key, lambda wrun: {"path": str(resolve_base(run.cfg))}, pointer="base",
                         artifact=("base", "model"), files=lambda d: [d / "manifest.json"])
 

@@ -4,7 +4,9 @@
     python -m icons.run stages=[check] data=llava_json data.path=pool.jsonl data.image_root=images
 
 Every record is read and checked (:mod:`icons.data.check`); a summary is logged and written to
-``<run_dir>/check/`` (``summary.json``, ``problems.jsonl``, ``truncated.jsonl``). Under
+``<run_dir>/check/`` (``summary.json``, ``problems.jsonl``, ``truncated.jsonl`` and
+``repeated_ids.jsonl``: records whose id an earlier record has, with both positions; ids are
+labels, so they are listed and kept unless ``data.repeated_ids=error``). Under
 ``data.on_bad_record=error`` any problem stops the run with a
 :class:`~icons.data.llava_json.BadInputError` whose one line names the first problem's file,
 record position, id, field and what is wrong; under ``skip`` only problems that no skipping can
@@ -17,7 +19,7 @@ import logging
 from .. import tracking
 from ..data.check import check_inputs, problem_kinds, summary_lines
 from ..data.llava_json import BadInputError, file_signature, summary_error
-from ..data.sources import data_key, data_sources, model_key
+from ..data.sources import data_key, data_section, data_sources, model_key
 from ..io import config_hash, write_json, write_jsonl
 from ..pipeline.cached import cached_stage
 from ..pipeline.rundir import Run, finished, section
@@ -33,7 +35,7 @@ def stage_check(run: Run) -> dict:
     except BadInputError as err:
         log.error("check: %s", err)
         raise
-    key = config_hash({**section(cfg, "data", "tasks"), "model": model_key(cfg),
+    key = config_hash({**data_section(cfg), "tasks": section(cfg, "tasks")["tasks"], "model": model_key(cfg),
                        "files": [file_signature(p) for p in [src.pool, *src.val.values(), *src.test.values()]],
                        **data_key(cfg)})
 
@@ -41,6 +43,7 @@ def stage_check(run: Run) -> dict:
         report = check_inputs(cfg, src)
         write_jsonl(out / "problems.jsonl", report["problems"])
         write_jsonl(out / "truncated.jsonl", report["truncated"])
+        write_jsonl(out / "repeated_ids.jsonl", report["repeated"])
         write_json(out / "summary.json", {"files": report["files"], "max_length": report["max_length"],
                                           "n_problems": len(report["problems"]), "n_fatal": len(report["fatal"]),
                                           "on_bad_record": cfg.data.on_bad_record})
@@ -51,6 +54,7 @@ def stage_check(run: Run) -> dict:
         tracking.log_summary(wrun, {"check/records": report["files"][0].get("records", 0),
                                     "check/problems": len(probs), "check/fatal": len(fatal),
                                     "check/truncated": len(report["truncated"]),
+                                    "check/repeated_ids": len(report["repeated"]),
                                     **{f"check/problems/{k}": v for k, v in problem_kinds(probs).items()}})
         tracking.log_files(wrun, "check-problems", "check", [out / "summary.json", out / "problems.jsonl"])
         where = f"; all listed in {out / 'problems.jsonl'}"
@@ -61,7 +65,7 @@ def stage_check(run: Run) -> dict:
         pool = report["files"][0]
         return {"records": pool["records"], "ok": pool["ok"], "with_image": pool["with_image"],
                 "text_only": pool["text_only"], "problems": len(probs), "truncated": len(report["truncated"]),
-                "on_bad_record": cfg.data.on_bad_record}
+                "repeated_ids": len(report["repeated"]), "on_bad_record": cfg.data.on_bad_record}
 
     reused = finished(out, key) is not None
     m = cached_stage(run, "check", out, key, compute)

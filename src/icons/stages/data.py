@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from ..data.check import problem_kinds
 from ..data.llava_json import file_signature, read_pool
 from ..data.pool import LazyPool, index_file
-from ..data.sources import DataSources, data_key, data_sources, mini_llava_benchmark
+from ..data.sources import DataSources, data_key, data_section, data_sources, mini_llava_benchmark
 from ..io import config_hash, read_json, save_npy, write_json, write_jsonl
 from ..models.loading import check_encoder
 from ..pipeline.cached import cached_stage
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def stage_data(run: Run) -> dict:
     cfg = run.cfg
     out = run.run_dir / "data"
-    key = config_hash({"config": config_hash(section(cfg, "data", "tasks")), **data_key(cfg)})
+    key = config_hash({"config": config_hash({**data_section(cfg), **section(cfg, "tasks")}), **data_key(cfg)})
     return cached_stage(run, "data", out, key, lambda wrun: prepare_data(cfg, out), pointer="data",
                         artifact=("pool", "dataset"), files=lambda d: [d / "manifest.json", d / "ids.json"],
                         summary=lambda m: {f"data/{k}": v for k, v in m.get("counts", {}).items()
@@ -123,7 +123,8 @@ def prepare_pool(cfg: DictConfig, src: DataSources, out: Path, encoder) -> dict:
         bench = mini_llava_benchmark(cfg)  # built already, by data_sources
         write_json(out / "ids.json", LazyPool(src.pool, index).ids, indent=None)
         return {**fields, "meta": str(bench.meta_path), "counts": read_json(bench.root / "manifest.json")["counts"]}
-    res = read_pool(src.pool, src.image_root, cfg.data.on_bad_record, encoder=encoder, keep_records=False)
+    res = read_pool(src.pool, src.image_root, cfg.data.on_bad_record, encoder=encoder, keep_records=False,
+                    repeated_ids=cfg.data.repeated_ids)
     save_npy(out / "positions.npy", np.asarray(res.positions, dtype=np.int64))
     write_json(out / "ids.json", res.ids, indent=None)
     return {**fields, "positions": str(out / "positions.npy"), "meta": None, "source": str(src.pool),
@@ -140,7 +141,8 @@ def prepare_tasks(cfg: DictConfig, src: DataSources, out: Path, encoder) -> dict
         splits = [("val", val, src.val)] + ([("test", test, src.test)] if task in src.test else [])
         for split, dest, files in splits:
             root = src.task_root(task)
-            res = read_pool(files[task], root, policy, encoder=encoder, with_answer=split != "test", task=task)
+            res = read_pool(files[task], root, policy, encoder=encoder, with_answer=split != "test", task=task,
+                            repeated_ids=cfg.data.repeated_ids)
             path = out / "tasks" / task / f"{split}.json"
             write_json(path, [_absolute_image(r, root) for r in res.records])
             dest[task] = str(path)

@@ -24,8 +24,10 @@ def stage_features(run: Run) -> dict:
     from ..warmup import load_checkpoint
 
     cfg = run.cfg
+    from ..influence import ADAM_FORM
+
     key = config_hash({**section(cfg, "gradient", "projection", "warmup"), "warmup": run.key_of("warmup"),
-                       "tasks": section(cfg, "tasks")})
+                       "tasks": section(cfg, "tasks"), **({"adam": ADAM_FORM} if cfg.gradient.kind == "adam" else {})})
     out = run.shared("features", "features", key)
 
     def compute(wrun) -> dict:
@@ -42,7 +44,8 @@ def stage_features(run: Run) -> dict:
                                        out / ckpt.name, moments if cfg.gradient.kind == "adam" else None,
                                        cfg.projection.kind, cfg.projection.dim, cfg.projection.seed,
                                        cfg.gradient.batch_size, cfg.projection.dtype, rank=rank, world_size=world,
-                                       max_tokens=cfg.gradient.max_tokens, trainer_cfg=cfg.trainer)
+                                       max_tokens=cfg.gradient.max_tokens, trainer_cfg=cfg.trainer,
+                                       checkpointing=cfg.model.gradient_checkpointing)
             meta = {k: v for k, v in meta.items() if k not in ("complete", "rank", "rows_done")}
             metas[ckpt.name] = dict(meta, avg_lr=moments[2]["avg_lr"])
             log.info("features at %s: %d pool + %d val, grad dim %d, %s -> %d in %.0fs", ckpt.name, meta["n_pool"],

@@ -58,19 +58,22 @@ def stage_select(run: Run) -> dict:
     return results
 
 
-def _write(out: Path, name: str, idx: np.ndarray, ids: list, extra: dict | None = None) -> dict:
+def _write(out: Path, name: str, idx: np.ndarray, pool, extra: dict | None = None) -> dict:
+    """A selection's files: pool rows (``indices.npy``), their positions in the source file
+    (``positions.npy``: a row's identity) and their ids (``ids.json``: labels, repeats kept)."""
     save_npy(out / "indices.npy", idx)
     slow_point("select")  # crash-test hook (off unless ICONS_TEST_SLOW_STAGE=select)
-    write_json(out / "ids.json", [ids[i] for i in idx])
-    return {"selector": name, "n": int(len(idx)), "of": len(ids), **(extra or {})}
+    save_npy(out / "positions.npy", pool.file_positions()[idx] if len(idx) else np.zeros(0, dtype=np.int64))
+    write_json(out / "ids.json", [pool.ids[i] for i in idx])
+    return {"selector": name, "n": int(len(idx)), "of": len(pool), **(extra or {})}
 
 
-def _random_rows(run: Run) -> tuple[np.ndarray, list]:
+def _random_rows(run: Run) -> tuple[np.ndarray, object]:
     from ..consensus import budget
 
-    ids = load_pool(run).ids
-    k = budget(len(ids), run.cfg.selection.ratio)
-    return np.sort(np.asarray(random.Random(run.cfg.selection.seed).sample(range(len(ids)), k), dtype=np.int64)), ids
+    pool = load_pool(run)
+    k = budget(len(pool), run.cfg.selection.ratio)
+    return np.sort(np.asarray(random.Random(run.cfg.selection.seed).sample(range(len(pool)), k), dtype=np.int64)), pool
 
 
 def _icons(run: Run, out: Path, name: str):
@@ -83,7 +86,7 @@ def _icons(run: Run, out: Path, name: str):
     key = config_hash({"scores": run.key_of("scores"), "sel": section(cfg, "selection", "consensus")})
 
     def compute(wrun) -> dict:
-        table, merge, ids, _ = load_scores(run)
+        table, merge, _, _ = load_scores(run)
         c = cfg.consensus
         scores = merge[:, None] if c.method == "merge" else table
         idx = consensus.select(scores, cfg.selection.ratio, c.method, c.threshold_percentile, c.tie_break,
@@ -92,14 +95,16 @@ def _icons(run: Run, out: Path, name: str):
         save_npy(out / "votes.npy", v.astype(np.int16))
         extra = {"vote_histogram": {int(k): int(n) for k, n in sorted(Counter(v.tolist()).items())},
                  "selected_vote_histogram": {int(k): int(n) for k, n in sorted(Counter(v[idx].tolist()).items())}}
-        return _write(out, name, idx, ids, extra)
+        return _write(out, name, idx, load_pool(run), extra)
 
     return key, compute, ["scores"]
 
 
 def selection_from_run(run: Run, src_run: Path, name: str, out: Path):
     """Selection ``name`` of another finished run over the same pool (``selection.from_run``):
-    the subset one model chose, to train another (the paper's 7B -> 13B transfer)."""
+    the subset one model chose, to train another (the paper's 7B -> 13B transfer). Rows are
+    matched by their position in the source file, and each must carry the id the source run
+    recorded for it (a pool file that changed in between is refused)."""
     src = src_run / "selection" / name
     if not (src / "manifest.json").exists():
         raise FileNotFoundError(f"selection.from_run={src_run}: no finished selection {name!r} ({src}/manifest.json)")
@@ -108,17 +113,24 @@ def selection_from_run(run: Run, src_run: Path, name: str, out: Path):
 
     def compute(wrun) -> dict:
         ids = read_json(src / "ids.json")
-        pool_ids = load_pool(run).ids
-        wanted = set(ids)
-        pos = {i: k for k, i in enumerate(pool_ids) if i in wanted}
-        missing = [i for i in ids if i not in pos]
-        if missing or source.get("of") != len(pool_ids):
+        pool = load_pool(run)
+        if (src / "positions.npy").exists():
+            row_of = {int(p): k for k, p in enumerate(pool.file_positions())}
+            wanted = np.load(src / "positions.npy").tolist()
+            rows = [row_of.get(p) for p in wanted]
+            bad = [(p, i) for p, i, r in zip(wanted, ids, rows) if r is None or pool.ids[r] != i]
+        else:  # a selection written before positions were stored: by id, which must then be unique
+            if len(set(pool.ids)) != len(pool.ids):
+                raise ValueError(f"selection.from_run={src_run}: its {name!r} selection has no positions.npy and "
+                                 f"this pool repeats ids; select again with this version")
+            row_of = {i: k for k, i in enumerate(pool.ids)}
+            rows = [row_of.get(i) for i in ids]
+            bad = [(None, i) for i, r in zip(ids, rows) if r is None]
+        if bad or source.get("of") != len(pool):
             raise ValueError(f"selection.from_run={src_run}: its {name!r} selection is over another pool "
-                             f"({len(missing)} of its ids are not in this pool; pool sizes {source.get('of')} and "
-                             f"{len(pool_ids)})")
-        save_npy(out / "indices.npy", np.asarray([pos[i] for i in ids], dtype=np.int64))
-        write_json(out / "ids.json", ids)
-        return {"selector": name, "n": len(ids), "of": len(pool_ids), "from_run": str(src_run.resolve()),
+                             f"({len(bad)} of its rows are not this pool's, e.g. position/id {bad[:1]}; pool sizes "
+                             f"{source.get('of')} and {len(pool)})")
+        return {**_write(out, name, np.asarray(rows, dtype=np.int64), pool), "from_run": str(src_run.resolve()),
                 "source_key": source["key"]}
 
     return key, compute, ["data"]

@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data.encode import LazyEncoded
 from ..data.pool import LazyPool
 from ..distributed import barrier, is_main_process
-from ..io import config_hash, read_json
+from ..io import config_hash
 from ..pipeline.cached import cached_stage
 from ..pipeline.rundir import Run, section
 from .base import load_base
@@ -21,18 +22,29 @@ from .select import selector_names
 log = logging.getLogger(__name__)
 
 
-def selection_ids(run: Run, name: str, pool: LazyPool) -> list:
+def selection_rows(run: Run, name: str, pool: LazyPool) -> list[int]:
+    """The pool rows a selector chose (``full``: every row), from its ``indices.npy``."""
     if name == "full":
-        return pool.ids
-    path = run.run_dir / "selection" / name / "ids.json"
+        return list(range(len(pool)))
+    path = run.run_dir / "selection" / name / "indices.npy"
     if not path.exists():
         raise FileNotFoundError(f"no selection {name!r}: {path} (run the select stage first)")
-    return read_json(path)
+    return np.load(path).tolist()
+
+
+def rows_key(pool: LazyPool, rows: list[int]) -> dict:
+    """What identifies a set of rows in a training key: their ids and, when the pool repeats ids
+    (then an id list names no one set of records), their positions too."""
+    ids = [pool.ids[k] for k in rows]
+    key = {"ids": config_hash(ids)}
+    if len(set(pool.ids)) != len(pool.ids):
+        key["positions"] = config_hash([pool.file_position(k) for k in rows])
+    return key
 
 
 def train_model(run: Run, records: list[dict], out: Path, logger=False) -> dict:
     """Fine-tune the base on ``records`` and save it to ``out/model``; what the manifest says."""
-    from ..models.loading import make_encoder, save_model
+    from ..models.loading import make_encoder, save_model, set_gradient_checkpointing
     from ..train import OptimConfig, batches_for, fit, set_trainable
 
     cfg = run.cfg
@@ -46,6 +58,7 @@ def train_model(run: Run, records: list[dict], out: Path, logger=False) -> dict:
         set_trainable(model, "lora", projector=cfg.train.projector_lr is not None)
     else:
         set_trainable(model, "full")
+    set_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
     items = LazyEncoded(records, enc)
     batches = batches_for(items, cfg.train.batch_size, cfg.train.epochs, cfg.seed, tok.pad_token_id, cfg.trainer)
     optim = OptimConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_ratio=cfg.train.warmup_ratio,
@@ -73,14 +86,14 @@ def stage_train(run: Run) -> dict:
     pool = load_pool(run)
     results = {}
     for name in selector_names(cfg):
-        ids = selection_ids(run, name, pool)
+        rows = selection_rows(run, name, pool)
         # the data key too: the ids (e.g. pool-000000...) stay the same when the pool's content changes
         key = config_hash({**section(cfg, "train", "seed"), "base": run.key_of("base"), "data": run.key_of("data"),
-                           "ids": config_hash(ids)})
+                           **rows_key(pool, rows)})
         out = run.shared("train", name, key)
 
-        def compute(wrun, out=out, ids=ids, name=name) -> dict:
-            info = train_model(run, [pool[k] for k in pool.positions_of(ids)], out, tracking.lightning_logger(wrun))
+        def compute(wrun, out=out, rows=rows, name=name) -> dict:
+            info = train_model(run, [pool[k] for k in rows], out, tracking.lightning_logger(wrun))
             log.info("trained %s: %d examples, loss %.3f -> %.3f", name, info["examples"], info["loss_first"],
                      info["loss_last"])
             return {"selector": name, **info}

@@ -22,9 +22,9 @@ def stage_warmup(run: Run) -> dict:
     from omegaconf import OmegaConf
 
     from .. import tracking
-    from ..models.loading import make_encoder
+    from ..models.loading import make_encoder, set_gradient_checkpointing
     from ..models.lora import add_lora
-    from ..warmup import run_warmup, warmup_ids
+    from ..warmup import run_warmup, warmup_rows
 
     cfg = run.cfg
     key = config_hash({**section(cfg, "warmup", "seed"), "data": run.key_of("data"), "base": run.key_of("base"),
@@ -33,21 +33,23 @@ def stage_warmup(run: Run) -> dict:
 
     def compute(wrun) -> dict:
         pool = load_pool(run)
-        ids = warmup_ids(pool.ids, cfg.warmup.fraction, cfg.seed)
-        records = [pool[k] for k in pool.positions_of(ids)]  # only the warmup's share is ever read
+        rows = warmup_rows(len(pool), cfg.warmup.fraction, cfg.seed)
+        records = [pool[k] for k in rows]  # only the warmup's share is ever read
         model, tok = load_base(run)
         torch.manual_seed(cfg.seed)  # LoRA's A matrices are initialised at random
         model = add_lora(model, cfg.model.lora)
+        set_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
         ckpts = run_warmup(model, make_encoder(cfg.model, tok, data_paths(run).image_root), records, out,
                            cfg.warmup.epochs, cfg.warmup.batch_size, cfg.warmup.lr, cfg.seed, cfg.trainer,
                            logger=tracking.lightning_logger(wrun))
         if is_main_process():
-            write_json(out / "ids.json", ids)
-        log.info("warmup: %d examples, %d checkpoints", len(ids), len(ckpts))
-        return {"examples": len(ids), "checkpoints": ckpts}
+            write_json(out / "ids.json", [pool.ids[k] for k in rows])
+            write_json(out / "positions.json", [pool.file_position(k) for k in rows])
+        log.info("warmup: %d examples, %d checkpoints", len(rows), len(ckpts))
+        return {"examples": len(rows), "checkpoints": ckpts}
 
     return cached_stage(run, "warmup", out, key, compute, pointer="warmup", inputs=["data", "base"],
-                        artifact=("warmup", "warmup"), files=lambda d: [d / "ids.json", *checkpoint_dirs(d)],
+                        artifact=("warmup", "warmup"), files=lambda d: [d / "ids.json", d / "positions.json", *checkpoint_dirs(d)],
                         summary=lambda m: {"warmup/examples": m["examples"], "warmup/checkpoints": len(m["checkpoints"])})
 
 

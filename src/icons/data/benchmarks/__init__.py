@@ -53,7 +53,7 @@ TASKS: dict[str, tuple[tuple[int, int], str]] = {
 
 
 def _run(task: str, src: Sequence[Path], out: Path, n: int, seed: int, split: str | None,
-         image_prefix: str | None, holdout: bool) -> tuple[list, dict]:
+         image_prefix: str | None, holdout: bool, image_root: Path | None = None) -> tuple[list, dict]:
     c = converters
     kw = {"image_prefix": image_prefix}
     if task == "vqav2":
@@ -73,13 +73,16 @@ def _run(task: str, src: Sequence[Path], out: Path, n: int, seed: int, split: st
     if task in ("mmbench_en", "mmbench_cn"):
         return c.mmbench(src[0], n, seed, out, lang=task.split("_")[1], holdout=holdout, **kw)
     if task == "llavaw":
-        return c.llavaw(src[0], src[1], n, seed, split=split, holdout=holdout, **kw)
+        return c.llavaw(src[0], src[1], n, seed, split=split, holdout=holdout, image_root=image_root, **kw)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
 def convert(task: str, src: Sequence[str | Path], out: str | Path, n: int = 500, seed: int = 0,
-            split: str | None = None, image_prefix: str | None = None, holdout: bool = False) -> Path:
-    """Build ``out/<task>.json`` (+ ``out/<task>.meta.json``); returns the records' path."""
+            split: str | None = None, image_prefix: str | None = None, holdout: bool = False,
+            image_root: str | Path | None = None) -> Path:
+    """Build ``out/<task>.json`` (+ ``out/<task>.meta.json``); returns the records' path.
+    ``image_root``: where the records' image paths start (``data.image_root``), to check them
+    where the benchmark's names are ambiguous (LLaVA-Bench (COCO))."""
     from ...io import write_json
 
     if task not in TASKS:
@@ -93,7 +96,8 @@ def convert(task: str, src: Sequence[str | Path], out: str | Path, n: int = 500,
             raise FileNotFoundError(f"{task}: {s} does not exist")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    records, meta = _run(task, src, out, n, seed, split, image_prefix, holdout)
+    records, meta = _run(task, src, out, n, seed, split, image_prefix, holdout,
+                         Path(image_root) if image_root is not None else None)
     path = out / f"{task}.json"
     write_json(path, records)
     write_json(out / f"{task}.meta.json", {"task": task, "sources": [str(s.resolve()) for s in src], "n": n,

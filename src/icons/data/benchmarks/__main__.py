@@ -23,12 +23,15 @@ def main(argv: list[str] | None = None) -> int:
                                                   "split read from the file name")
     ap.add_argument("--image-prefix", default=None,
                     help="prepended to the benchmark's image paths (default: LLaVA's playground/data layout)")
+    ap.add_argument("--image-root", default=None,
+                    help="where the records' image paths start (data.image_root, e.g. playground/data): llavaw "
+                         "(COCO) checks its images there, as val2014 names or bare COCO numbers")
     ap.add_argument("--holdout", action="store_true",
                     help="mme, mmbench_*, llavaw in-the-wild: carve the set out of the evaluated benchmark and "
                          "list its ids for exclusion from evaluation")
     a = ap.parse_args(argv)
     try:
-        path = convert(a.task, a.src, a.out, a.n, a.seed, a.split, a.image_prefix, a.holdout)
+        path = convert(a.task, a.src, a.out, a.n, a.seed, a.split, a.image_prefix, a.holdout, a.image_root)
     except (EvaluatedSplitError, SourceError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

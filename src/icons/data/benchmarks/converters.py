@@ -335,8 +335,28 @@ def mmbench(tsv: Path, n: int, seed: int, out_dir: Path, lang: str = "en", image
 
 
 # ---------------------------------------------------------------- LLaVA-Bench
+def coco_val2014_name(name: str) -> str:
+    """LLaVA-Bench (COCO)'s ``qa90_questions.jsonl`` names its images by bare COCO number
+    (``000000441147.jpg``); COCO val2014's files are ``COCO_val2014_000000441147.jpg``."""
+    return f"COCO_val2014_{name}" if re.fullmatch(r"\d{12}\.jpg", name) else name
+
+
+def _coco_image(name: str, prefix: str, image_root: Path | None) -> str:
+    """The record's image path: with ``image_root`` (where the paths start), the candidate that
+    exists there (val2014's name first, then the bare name, as COCO 2017 folders have it)."""
+    candidates = [join(prefix, coco_val2014_name(name)), join(prefix, name)]
+    if image_root is None:
+        return candidates[0]
+    for c in candidates:
+        if (Path(image_root) / c).is_file():
+            return c
+    raise SourceError(f"llavaw: image {name!r} is neither {Path(image_root) / candidates[0]} nor "
+                      f"{Path(image_root) / candidates[1]}; pass --image-prefix with the folder (relative to "
+                      f"--image-root) that holds COCO val2014's images")
+
+
 def llavaw(questions: Path, answers: Path, n: int, seed: int, image_prefix: str | None = None,
-           split: str | None = None, holdout: bool = False) -> tuple[list, Meta]:
+           split: str | None = None, holdout: bool = False, image_root: Path | None = None) -> tuple[list, Meta]:
     """LLaVA-Bench ``questions.jsonl`` ({question_id, image, text, category}) + its GPT-4 answers
     (``answers_gpt4.jsonl``: {question_id, text}). The in-the-wild set (60 questions) is the
     evaluated one: it needs ``holdout=True`` and gives at most half of its questions. LLaVA-Bench
@@ -357,8 +377,9 @@ def llavaw(questions: Path, answers: Path, n: int, seed: int, image_prefix: str 
     out = []
     for i in sample([q["question_id"] for q in items], cap, seed):
         q = items[i]
-        out.append(record("llavaw", q["question_id"], q["text"].strip(), ans[q["question_id"]].strip(),
-                          join(prefix, q["image"]), category=q.get("category")))
+        image = _coco_image(q["image"], prefix, image_root) if split == "coco" else join(prefix, q["image"])
+        out.append(record("llavaw", q["question_id"], q["text"].strip(), ans[q["question_id"]].strip(), image,
+                          category=q.get("category")))
     meta = {"split": split if split != "in_the_wild" else "holdout", "candidates": len(items)}
     if split == "in_the_wild":
         meta["heldout"] = [r["id"] for r in out]

@@ -33,7 +33,7 @@ def test_default_composes_and_validates(compose_cfg):
     assert obj.logger.kind == "wandb"
     assert obj.stages == ["check", "data", "base", "warmup", "features", "scores", "select", "subset", "train",
                           "eval", "report"]
-    assert obj.selectors == ["full", "random", "icons"]
+    assert obj.selectors == ["full", "random", "icons", "round_robin"]
     assert (obj.gradient.kind, obj.projection.kind, obj.consensus.method) == ("adam", "none", "vote")
     assert obj.selection.ratio == pytest.approx(0.2)
     assert "${" not in obj.cache_dir

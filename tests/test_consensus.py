@@ -75,3 +75,36 @@ def test_bad_input():
         select(np.array([[np.nan]]), 0.5)
     with pytest.raises(ValueError, match="consensus method"):
         select(S, 0.5, "median")
+
+
+# ---------------------------------------------------------------- consensuses that keep each task's top
+HAND = np.array([[4, 0], [3, 3], [2, 0], [0, 4], [0, 2], [1, 1]], dtype=float)  # rows x (task 0, task 1)
+
+
+def test_round_robin_gives_each_task_its_own_best_in_turn():
+    # task 0 takes row 0 (4), task 1 row 3 (4), task 0 row 1 (3), task 1: row 1 is taken -> row 4 (2)
+    assert select(HAND, 4 / 6, method="round_robin").tolist() == [0, 1, 3, 4]
+    assert select(HAND, 3 / 6, method="round_robin").tolist() == [0, 1, 3]
+
+
+def test_balanced_fills_the_task_furthest_behind_in_summed_z_score():
+    # z (population std): task 0 [1.565, .894, .224, -1.118, -1.118, -.447], task 1 [-1.118, .894, -1.118,
+    # 1.565, .224, -.447]. Sums start 0, 0: task 0 takes row 0 -> (1.565, -1.118); task 1 is behind: row 3 ->
+    # (.447, .447); a tie goes to task 0: row 1 -> (1.341, 1.341); tie again: task 0's next, row 2.
+    # Row 1 serves task 1 too, so task 1 does not need row 4 as it does under round_robin.
+    assert select(HAND, 4 / 6, method="balanced").tolist() == [0, 1, 2, 3]
+
+
+def test_round_robin_breaks_a_tasks_ties_by_votes():
+    scores = np.array([[1.0, 0.0, 0.0], [1.0, 0.9, 0.9], [0.0, 0.1, 0.1], [0.0, 0.2, 0.2]])
+    # task 0 ties rows 0 and 1; row 1 has more votes (in the top of tasks 1 and 2 too) and goes first
+    assert select(scores, 1 / 4, method="round_robin", threshold_percentile=50).tolist() == [1]
+
+
+@pytest.mark.parametrize("method", ["round_robin", "balanced"])
+def test_greedy_consensus_exact_budget_and_deterministic(method):
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(500, 7))
+    a = select(scores, 0.2, method=method)
+    assert len(a) == 100 == len(set(a.tolist())) and np.array_equal(a, select(scores, 0.2, method=method))
+    assert a.tolist() == sorted(a.tolist())

@@ -141,3 +141,13 @@ def test_training_logs_loss_and_lr_live_through_lightnings_wandb_logger(compose_
         tracking.finish(run)
     data = next(tracking.offline_dir(run).glob("*.wandb")).read_bytes()
     assert b"train/loss" in data and b"train/lr" in data
+
+
+def test_artifact_of_files_with_the_same_name_keeps_them_apart(tmp_path):
+    """The features stage of several warmup checkpoints logs checkpoint-<e>/meta.json for each."""
+    for e in (1, 4):
+        (tmp_path / f"checkpoint-{e}").mkdir()
+        (tmp_path / f"checkpoint-{e}" / "meta.json").write_text(str(e))
+    art = tracking.artifact("features", "features", [tmp_path / "checkpoint-1" / "meta.json",
+                                                      tmp_path / "checkpoint-4" / "meta.json"])
+    assert sorted(art.manifest.entries) == ["checkpoint-4/meta.json", "meta.json"]

@@ -15,12 +15,26 @@ Aggregation ablations of the paper: ``mean`` (mean of task scores), ``max`` (max
 ``rank`` (mean per-task rank, lower is better), ``norm`` (mean of per-task z-scores). ``merge``
 (one influence computation against the union of all validation sets) is computed by the scores
 stage as a single column and ranked here like ``mean``.
+
+Beyond the paper, two consensuses that keep what each task's specialist finds (the vote lets
+records that many similar tasks like crowd out data only one task wants):
+
+- ``round_robin``: per-task quotas. The tasks take turns, each adding its best-ranked record not yet
+  taken (its own influence ranking; ties by votes, then mean per-task rank, then index), so every
+  task gets ``budget / K`` records of its own top;
+- ``balanced``: per-task normalisation, then filling the task that is furthest behind, as BIDS
+  does (Dai et al., 2025): scores are z-scored per task; each step adds, for the task whose
+  selected records have the lowest summed z-score so far, its best remaining record.
+
+Both use only the validation-derived scores; neither looks at test data.
 """
 from __future__ import annotations
 
 import numpy as np
 
-METHODS = ("vote", "mean", "max", "rank", "norm", "merge")
+METHODS = ("vote", "mean", "max", "rank", "norm", "merge", "round_robin", "balanced")
+#: methods that fill the budget step by step instead of ranking by one number
+GREEDY = ("round_robin", "balanced")
 TIE_BREAKS = ("mean_rank", "index", "random")
 
 
@@ -49,14 +63,20 @@ def budget(n: int, ratio: float) -> int:
     return int(ratio * n)
 
 
-def ordering(scores: np.ndarray, method: str = "vote", threshold_percentile: float = 80,
-             tie_break: str = "mean_rank", seed: int = 0) -> np.ndarray:
-    """All row indices, best first."""
-    scores = np.asarray(scores, dtype=np.float64)
+def _check(scores: np.ndarray) -> None:
     if scores.ndim != 2 or scores.shape[0] == 0:
         raise ValueError(f"scores must be a non-empty (N, K) array, got shape {scores.shape}")
     if np.isnan(scores).any():
         raise ValueError("scores contain NaN")
+
+
+def ordering(scores: np.ndarray, method: str = "vote", threshold_percentile: float = 80,
+             tie_break: str = "mean_rank", seed: int = 0) -> np.ndarray:
+    """All row indices, best first (the ranking methods)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    _check(scores)
+    if method in GREEDY:
+        raise ValueError(f"{method!r} fills a budget step by step: use select()")
     if method not in METHODS:
         raise ValueError(f"unknown consensus method {method!r}; choose from {METHODS}")
     if tie_break not in TIE_BREAKS:
@@ -84,9 +104,61 @@ def ordering(scores: np.ndarray, method: str = "vote", threshold_percentile: flo
     return np.lexsort((index, secondary, primary))  # last key is the primary one
 
 
+def _task_orders(scores: np.ndarray, threshold_percentile: float) -> list[np.ndarray]:
+    """Each task's rows best first: its own score, then votes, then mean per-task rank, then index."""
+    v = votes(scores, threshold_percentile).astype(np.float64)
+    mean_rank = task_ranks(scores).mean(axis=1)
+    index = np.arange(scores.shape[0])
+    return [np.lexsort((index, mean_rank, -v, -scores[:, j])) for j in range(scores.shape[1])]
+
+
+def round_robin(scores: np.ndarray, k: int, threshold_percentile: float = 80) -> np.ndarray:
+    """``k`` rows: the tasks take turns (in column order), each adding its best row not yet taken."""
+    orders = _task_orders(scores, threshold_percentile)
+    taken = np.zeros(scores.shape[0], dtype=bool)
+    cursor = [0] * len(orders)
+    out: list[int] = []
+    while len(out) < k:
+        for j, order in enumerate(orders):
+            if len(out) == k:
+                break
+            while taken[order[cursor[j]]]:
+                cursor[j] += 1
+            row = int(order[cursor[j]])
+            taken[row] = True
+            out.append(row)
+    return np.asarray(out, dtype=np.int64)
+
+
+def balanced(scores: np.ndarray, k: int, threshold_percentile: float = 80) -> np.ndarray:
+    """``k`` rows: per-task z-scores; each step, the task whose selected rows have the lowest summed
+    z-score (first such task on ties) adds its best row not yet taken."""
+    std = scores.std(axis=0)
+    z = (scores - scores.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    orders = _task_orders(scores, threshold_percentile)
+    taken = np.zeros(scores.shape[0], dtype=bool)
+    cursor = [0] * len(orders)
+    total = np.zeros(scores.shape[1])
+    out: list[int] = []
+    while len(out) < k:
+        j = int(np.argmin(total))
+        while taken[orders[j][cursor[j]]]:
+            cursor[j] += 1
+        row = int(orders[j][cursor[j]])
+        taken[row] = True
+        out.append(row)
+        total += z[row]
+    return np.asarray(out, dtype=np.int64)
+
+
 def select(scores, ratio: float, method: str = "vote", threshold_percentile: float = 80,
            tie_break: str = "mean_rank", seed: int = 0) -> np.ndarray:
     """Exactly ``int(ratio * N)`` selected row indices of the (N, K) ``scores``, sorted ascending."""
     scores = np.asarray(scores, dtype=np.float64)
+    k = budget(scores.shape[0], ratio)
+    if method in GREEDY:
+        _check(scores)
+        fill = round_robin if method == "round_robin" else balanced
+        return np.sort(fill(scores, k, threshold_percentile))
     order = ordering(scores, method, threshold_percentile, tie_break, seed)
-    return np.sort(order[: budget(scores.shape[0], ratio)])
+    return np.sort(order[:k])

@@ -165,18 +165,21 @@ def artifact(name: str, type: str, paths: Iterable[PathLike], metadata: Optional
     import wandb
 
     art = wandb.Artifact(_artifact_name(name), type=type, metadata=dict(metadata or {}))
-    added = 0
+    added, used = 0, set()
     for p in paths:
         path = Path(p)
         if not path.exists():
             log.warning("artifact %s: %s does not exist; skipped", name, path)
             continue
+        # a file name the artifact has already (checkpoint-1/meta.json, checkpoint-4/meta.json) keeps its folder
+        entry = path.name if path.name not in used else f"{path.parent.name}/{path.name}"
+        used.add(entry)
         if _size(path) > COPY_LIMIT:
-            art.add_reference(path.resolve().as_uri(), name=path.name, checksum=False)
+            art.add_reference(path.resolve().as_uri(), name=entry, checksum=False)
         elif path.is_dir():
-            art.add_dir(str(path), name=path.name)
+            art.add_dir(str(path), name=entry)
         else:
-            art.add_file(str(path), name=path.name)
+            art.add_file(str(path), name=entry)
         added += 1
     return art if added else None
 

@@ -43,15 +43,17 @@ def warmup_rows(n: int, fraction: float, seed: int) -> list[int]:
 
 
 class EpochCheckpoints(L.Callback):
-    def __init__(self, out_dir: Path, steps_per_epoch: int):
-        self.out_dir, self.steps_per_epoch = out_dir, steps_per_epoch
+    """A checkpoint at the end of every epoch and at ``stop`` (an early stop: its last one)."""
+
+    def __init__(self, out_dir: Path, steps_per_epoch: int, stop: int | None = None):
+        self.out_dir, self.steps_per_epoch, self.stop = out_dir, steps_per_epoch, stop
         self.saved: list[dict] = []
 
     def on_train_batch_end(self, trainer, module: LlavaModule, outputs, batch, batch_idx):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # inside an optimizer step
         step = len(module.lrs)
-        if step % self.steps_per_epoch and step != module.total_steps:
+        if step % self.steps_per_epoch and step not in (module.total_steps, self.stop):
             return
         epoch = math.ceil(step / self.steps_per_epoch)
         state = parallel.trainable_state(trainer, module)  # every rank: FSDP gathers to rank 0
@@ -80,19 +82,29 @@ class EpochCheckpoints(L.Callback):
         ckpt.rename(final)  # whole or absent
 
 
+def stop_step(epochs: int, steps_per_epoch: int, stop_after: float | None) -> int:
+    """The last step of a warmup: all of them, or ``stop_after`` of them (at least one)."""
+    total = epochs * steps_per_epoch
+    return total if stop_after is None else min(total, max(1, math.ceil(stop_after * total)))
+
+
 def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, batch_size: int, lr: float,
-               seed: int, trainer_cfg=None, logger=False) -> list[dict]:
+               seed: int, trainer_cfg=None, logger=False, stop_after: float | None = None) -> list[dict]:
     """LoRA-train ``model`` (a peft model) on ``records``; returns the checkpoints' info.
 
-    Resumes after the last whole ``checkpoint-<e>`` an interrupted earlier run left in ``out_dir``
-    (``model`` must hold the LoRA initialisation that run started from: it is overwritten)."""
+    ``stop_after``: stop after that share of the run's steps (its schedule unchanged) and keep the
+    checkpoint there: the released ICONS code takes ``checkpoint-500`` of a LoRA run over the
+    whole pool, early and near the peak learning rate. Resumes after the last whole
+    ``checkpoint-<e>`` an interrupted earlier run left in ``out_dir`` (``model`` must hold the LoRA
+    initialisation that run started from: it is overwritten)."""
     if is_main_process():
         for d in out_dir.glob(".checkpoint-*.partial") if out_dir.exists() else []:
             shutil.rmtree(d)
     barrier()
     items = LazyEncoded(records, encoder)
     steps_per_epoch = math.ceil(len(items) / batch_size)
-    done = finished_epochs(out_dir, epochs, steps_per_epoch)
+    stop = stop_step(epochs, steps_per_epoch, stop_after)
+    done = finished_epochs(out_dir, epochs, steps_per_epoch, stop)
     saved, start_epoch, adam_state = [], len(done), None
     for ckpt in done:
         saved.append(read_json(ckpt / "checkpoint.json"))
@@ -102,12 +114,13 @@ def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, 
         log.info("warmup: resuming after epoch %d of %d (%s)", start_epoch, epochs, done[-1])
     optim = OptimConfig(lr=lr, warmup_ratio=0.03, scheduler="linear", weight_decay=0.0)
     batches = batches_for(items, batch_size, epochs, seed, encoder.tok.pad_token_id, trainer_cfg, start_epoch)
-    if batches.steps == 0:
+    steps = min(batches.steps, stop - start_epoch * steps_per_epoch)
+    if steps <= 0:
         return saved
     module = LlavaModule(model, optim, epochs * steps_per_epoch, start_epoch * steps_per_epoch, adam_state)
-    cb = EpochCheckpoints(out_dir, steps_per_epoch)
+    cb = EpochCheckpoints(out_dir, steps_per_epoch, stop)
     cb.saved = saved
-    trainer = make_trainer(trainer_cfg, batches.steps, logger=logger, callbacks=[cb, Progress("warmup", batches.steps)],
+    trainer = make_trainer(trainer_cfg, steps, logger=logger, callbacks=[cb, Progress("warmup", steps)],
                            grad_clip=1.0, accumulate=batches.accumulate, model=model, label="warmup")
     torch.manual_seed(seed)
     model.train()
@@ -116,14 +129,15 @@ def run_warmup(model, encoder, records: list[dict], out_dir: Path, epochs: int, 
     return cb.saved
 
 
-def finished_epochs(out_dir: Path, epochs: int, steps_per_epoch: int) -> list[Path]:
+def finished_epochs(out_dir: Path, epochs: int, steps_per_epoch: int, stop: int | None = None) -> list[Path]:
     """The whole checkpoints 1..e of an earlier, interrupted run (stopping at the first gap)."""
+    stop = stop or epochs * steps_per_epoch
     done = []
-    for e in range(1, epochs + 1):
+    for e in range(1, math.ceil(stop / steps_per_epoch) + 1):
         ckpt = out_dir / f"checkpoint-{e}"
         if not (ckpt / "checkpoint.json").exists():
             break
-        if read_json(ckpt / "checkpoint.json").get("step") != e * steps_per_epoch:
+        if read_json(ckpt / "checkpoint.json").get("step") != min(e * steps_per_epoch, stop):
             raise ValueError(f"{ckpt}: made with another number of steps per epoch; delete {out_dir} to restart")
         done.append(ckpt)
     return done

@@ -8,7 +8,7 @@ settings only (``python -m icons.run --cfg job`` prints the whole resolved confi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .checks import (FieldError, _check_choice, _check_nonempty_str, _check_range, _check_str_list, _fmt,
                      _non_negative, _numbers, _positive, _unresolved)
@@ -28,18 +28,32 @@ KNOWN_STAGES: tuple[str, ...] = (
     "export",
     "eval",
     "report",
+    "study",
 )
 #: stages that need the tasks' test splits (evaluation and the report of its scores)
-EVAL_STAGES = ("eval", "report")
+EVAL_STAGES = ("eval", "report", "study")
 SCHEDULER_CHOICES = ("cosine", "linear", "constant")
 TRAIN_MODE_CHOICES = ("full", "lora")
 WARMUP_CHECKPOINT_CHOICES = ("last", "all")
 GRADIENT_CHOICES = ("adam", "sgd")
 PROJECTION_CHOICES = ("none", "rademacher", "kronecker")
 FEATURE_DTYPE_CHOICES = ("float32", "float16")
-CONSENSUS_CHOICES = ("vote", "mean", "max", "rank", "norm", "merge")
+CONSENSUS_CHOICES = ("vote", "mean", "max", "rank", "norm", "merge", "round_robin", "balanced")
 TIE_BREAK_CHOICES = ("mean_rank", "index", "random")
-SELECTOR_CHOICES = ("full", "random", "icons")
+#: full, random, icons (the consensus.method's row: vote = ICONS), any other consensus method on the
+#: same scores (its own row), and specialist-<task>: one task's own top (the paper's specialist)
+SELECTOR_CHOICES = ("full", "random", "icons", *[m for m in CONSENSUS_CHOICES if m != "vote"])
+SPECIALIST = "specialist-"
+
+
+def selector_error(sel: str, tasks) -> str | None:
+    """Why ``sel`` is not a selector, or None."""
+    if sel in SELECTOR_CHOICES:
+        return None
+    if sel.startswith(SPECIALIST) and not _unresolved(sel):
+        task = sel[len(SPECIALIST):]
+        return None if task in list(tasks) else f"contains {sel!r}, a specialist of a task that is not in tasks.names"
+    return f"contains unknown selector {sel!r}; known: {', '.join(SELECTOR_CHOICES)}, {SPECIALIST}<task>"
 #: lmms-eval's task names for the paper's ten benchmarks, in DEFAULT_TASKS's order. Local-scoring
 #: splits: VQAv2 val (the paper reports test-dev, scored by EvalAI from vqav2_test's submission file),
 #: VizWiz val and MMBench dev; TextVQA with its OCR tokens in the prompt, as LLaVA-1.5 evaluates it
@@ -120,7 +134,7 @@ class ExportConfig:
         if self.selectors is not None:
             _check_str_list(self, "selectors")
             for sel in self.selectors:
-                if sel not in SELECTOR_CHOICES:
+                if sel not in SELECTOR_CHOICES and not sel.startswith(SPECIALIST):
                     raise FieldError("selectors", self.selectors,
                                      f"contains unknown selector {sel!r}; known: {', '.join(SELECTOR_CHOICES)}")
         _check_str_list(self, "lmms_tasks")
@@ -152,9 +166,14 @@ class WarmupConfig:
     lr: float = 4e-3
     #: which epoch checkpoints give features: last (released ICONS) or all (LESS, lr-weighted)
     checkpoints: str = "last"
+    #: stop after this share of the run's steps, keeping that checkpoint (null: run them all); the
+    #: released ICONS code takes checkpoint-500 of a LoRA run over the whole pool (warmup=icons_release)
+    stop_after: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_range(self, "fraction", 0.0, 1.0, lo_open=True)
+        if self.stop_after is not None:
+            _check_range(self, "stop_after", 0.0, 1.0, lo_open=True)
         _positive(self, "epochs", "batch_size", "lr")
         _check_choice(self, "checkpoints", WARMUP_CHECKPOINT_CHOICES)
 
@@ -208,6 +227,41 @@ class ConsensusConfig:
         _check_choice(self, "tie_break", TIE_BREAK_CHOICES)
 
 
+def _feature_choices() -> dict:
+    release = ["warmup.fraction=1.0", "warmup.epochs=1", "warmup.stop_after=0.1"]  # warmup=icons_release
+    return {"sgd": ["gradient.kind=sgd"], "all_checkpoints": ["warmup.checkpoints=all"], "icons_release": release,
+            "released_code": ["gradient.kind=sgd", *release]}
+
+
+@dataclass
+class StudyConfig:
+    """Root key ``study``: the miniature study's analyses (the ``study`` stage,
+    ``+experiment=miniature_study``). Every sub-run shares this run's results by key."""
+
+    #: the main table's seeds (warmup subset, LoRA init, training order)
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    #: trained and evaluated at every seed
+    selectors: List[str] = field(default_factory=lambda: ["random", "icons", "round_robin", "balanced"])
+    #: full data at every seed (else at the first, the reference of every seed's relative performance)
+    full_every_seed: bool = False
+    #: the paper's aggregation ablation, at the first seed (vote is the icons row)
+    aggregation: List[str] = field(default_factory=lambda: ["mean", "max", "rank", "norm", "merge"])
+    #: each task's own top (its specialist), trained and tested on that task, at the first seed
+    specialists: bool = True
+    #: the ratio sweep for random and icons, at the first seed (selection.ratio is the main runs')
+    ratios: List[float] = field(default_factory=lambda: [0.05, 0.1, 0.4, 0.6])
+    #: feature recipes beside the default, at the first seed: name -> dotted overrides
+    feature_choices: Dict[str, List[str]] = field(default_factory=_feature_choices)
+
+    def __post_init__(self) -> None:
+        _check_str_list(self, "selectors")
+        for r in self.ratios:
+            if not (isinstance(r, (int, float)) and 0 < r <= 1):
+                raise FieldError("ratios", list(self.ratios), "must hold ratios in (0, 1]")
+        if not self.seeds:
+            raise FieldError("seeds", list(self.seeds), "must not be empty")
+
+
 @dataclass
 class RootConfig:
     """The composed config (``conf/config.yaml``)."""
@@ -215,7 +269,9 @@ class RootConfig:
     seed: int = 0
     stages: List[str] = field(default_factory=lambda: [
         "check", "data", "base", "warmup", "features", "scores", "select", "subset", "train", "eval", "report"])
-    selectors: List[str] = field(default_factory=lambda: ["full", "random", "icons"])
+    #: round_robin: the consensus beyond the paper with the best mean relative performance over the
+    #: miniature study's three seeds (69.8 against the vote's 57.1 and random's 73.7; docs/findings.md)
+    selectors: List[str] = field(default_factory=lambda: ["full", "random", "icons", "round_robin"])
     #: null = Hydra's output directory
     run_dir: Optional[str] = None
     cache_dir: str = "${oc.env:ICONS_CACHE,${oc.env:HOME}/.cache/icons}"
@@ -233,6 +289,7 @@ class RootConfig:
     gradient: GradientConfig = field(default_factory=GradientConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self) -> None:
         _non_negative(self, "seed")
@@ -246,9 +303,12 @@ class RootConfig:
                 )
         _check_str_list(self, "selectors")
         for sel in self.selectors:
-            if sel not in SELECTOR_CHOICES:
-                raise FieldError("selectors", self.selectors,
-                                 f"contains unknown selector {sel!r}; known: {', '.join(SELECTOR_CHOICES)}")
+            if (why := selector_error(sel, self.tasks.names)) is not None:
+                raise FieldError("selectors", self.selectors, why)
+        method = self.consensus.method
+        if "icons" in self.selectors and method != "vote" and method in self.selectors:
+            raise FieldError("selectors", self.selectors, f"names {method!r} twice (icons with "
+                                                         f"consensus.method={method} is that row)")
         if self.export.selectors is not None:
             for sel in self.export.selectors:
                 if sel not in self.selectors:

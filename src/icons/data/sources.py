@@ -15,8 +15,7 @@ from omegaconf import DictConfig
 
 from .llava_json import BadInputError, file_signature, problem, summary_error
 
-__all__ = ["DataSources", "data_key", "data_section", "data_sources", "mini_llava_benchmark", "model_key",
-           "task_name_problems"]
+__all__ = ["DataSources", "data_key", "data_sources", "mini_llava_benchmark", "model_key", "task_name_problems"]
 
 
 def mini_llava_benchmark(cfg: DictConfig):
@@ -106,22 +105,6 @@ def _benchmark_sources(cfg: DictConfig, pool: Path, root: Path, names: list[str]
     task_root = Path(t.image_root).expanduser().resolve() if t.get("image_root") else root
     val, roots = task_files(t.dir, names, task_root)
     return DataSources(cfg.data.kind, pool, root, task_root, val, {}, roots)
-
-
-#: data settings added after results were cached: in a key only when set to something else, so that
-#: results made before they existed (with the behaviour of their default) are still found
-LATER_DATA_DEFAULTS = {"repeated_ids": "warn"}
-
-
-def data_section(cfg: DictConfig) -> dict:
-    """``{"data": ...}`` as the check and data stages' keys hold it (see ``LATER_DATA_DEFAULTS``)."""
-    from omegaconf import OmegaConf
-
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    for k, default in LATER_DATA_DEFAULTS.items():
-        if data.get(k) == default:
-            data.pop(k)
-    return {"data": data}
 
 
 def model_key(cfg: DictConfig) -> dict:

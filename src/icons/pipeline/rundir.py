@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,11 +31,13 @@ LOCK_NAME = ".icons.lock"
 
 @dataclass
 class Run:
-    """One job: its config, its run directory and the study directory it shares results in."""
+    """One job: its config, its run directory and the study directory it shares results in;
+    ``runner``: the function that runs a config's stages (a stage that runs sub-runs calls it)."""
 
     cfg: DictConfig
     run_dir: Path
     study_dir: Path
+    runner: Callable | None = None
 
     def shared(self, stage: str, name: str, key: str) -> Path:
         """Where a content-addressed result lives: ``<study_dir>/<stage>/<name>-<key>``."""
@@ -61,9 +64,20 @@ class Run:
         return Path(self.pointers()[stage]["path"])
 
 
+#: settings added after results were cached: in a key only when set to something else, so that results
+#: made before they existed (with the behaviour of these defaults) are still found
+LATER_DEFAULTS = {"data": {"repeated_ids": "warn"}, "warmup": {"stop_after": None}}
+
+
 def section(cfg: DictConfig, *keys: str) -> dict:
     """Plain values of some root sections of the config (the parts a stage key depends on)."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
+    out = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
+    for k, later in LATER_DEFAULTS.items():
+        if isinstance(out.get(k), dict):
+            for name, default in later.items():
+                if name in out[k] and out[k][name] == default:
+                    out[k].pop(name)
+    return out
 
 
 # ---------------------------------------------------------------- manifests

@@ -28,7 +28,7 @@ def run_stages(cfg: DictConfig, run_dir: Path, study_dir: Path | None = None) ->
     torch.set_flush_denormal(True)  # small LoRA gradients are otherwise 40-250x slower on CPU
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    run = Run(cfg, Path(run_dir), Path(study_dir or run_dir))
+    run = Run(cfg, Path(run_dir), Path(study_dir or run_dir), runner=run_stages)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     # launched by torchrun/srun: join the group (a no-op for one process)
     rank, world = init_distributed(timeout_s=cfg.trainer.get("collective_timeout_s"))

@@ -19,7 +19,7 @@ import logging
 from .. import tracking
 from ..data.check import check_inputs, problem_kinds, summary_lines
 from ..data.llava_json import BadInputError, file_signature, summary_error
-from ..data.sources import data_key, data_section, data_sources, model_key
+from ..data.sources import data_key, data_sources, model_key
 from ..io import config_hash, write_json, write_jsonl
 from ..pipeline.cached import cached_stage
 from ..pipeline.rundir import Run, finished, section
@@ -35,7 +35,7 @@ def stage_check(run: Run) -> dict:
     except BadInputError as err:
         log.error("check: %s", err)
         raise
-    key = config_hash({**data_section(cfg), "tasks": section(cfg, "tasks")["tasks"], "model": model_key(cfg),
+    key = config_hash({**section(cfg, "data", "tasks"), "model": model_key(cfg),
                        "files": [file_signature(p) for p in [src.pool, *src.val.values(), *src.test.values()]],
                        **data_key(cfg)})
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from ..data.check import problem_kinds
 from ..data.llava_json import file_signature, read_pool
 from ..data.pool import LazyPool, index_file
-from ..data.sources import DataSources, data_key, data_section, data_sources, mini_llava_benchmark
+from ..data.sources import DataSources, data_key, data_sources, mini_llava_benchmark
 from ..io import config_hash, read_json, save_npy, write_json, write_jsonl
 from ..models.loading import check_encoder
 from ..pipeline.cached import cached_stage
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def stage_data(run: Run) -> dict:
     cfg = run.cfg
     out = run.run_dir / "data"
-    key = config_hash({"config": config_hash({**data_section(cfg), **section(cfg, "tasks")}), **data_key(cfg)})
+    key = config_hash({"config": config_hash(section(cfg, "data", "tasks")), **data_key(cfg)})
     return cached_stage(run, "data", out, key, lambda wrun: prepare_data(cfg, out), pointer="data",
                         artifact=("pool", "dataset"), files=lambda d: [d / "manifest.json", d / "ids.json"],
                         summary=lambda m: {f"data/{k}": v for k, v in m.get("counts", {}).items()

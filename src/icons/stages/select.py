@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from ..config import CONSENSUS_CHOICES
+from ..config.schema import SPECIALIST
 from ..io import config_hash, read_json, save_npy, slow_point, write_json
 from ..pipeline.cached import cached_stage
 from ..pipeline.rundir import Run, section
@@ -46,9 +48,14 @@ def stage_select(run: Run) -> dict:
             key = config_hash({"data": run.key_of("data"), "sel": section(cfg, "selection")})
             compute, inputs = (lambda wrun, out=out, name=name: _write(out, name, *_random_rows(run))), ["data"]
         elif sel == "icons":
-            key, compute, inputs = _icons(run, out, name)
+            key, compute, inputs = _icons(run, out, name, cfg.consensus.method)
+        elif sel in CONSENSUS_CHOICES:  # another consensus on the same scores, as its own row
+            key, compute, inputs = _icons(run, out, name, sel)
+        elif sel.startswith(SPECIALIST):
+            key, compute, inputs = _specialist(run, out, name, sel[len(SPECIALIST):])
         else:
-            raise ValueError(f"unknown selector {sel!r}; available: full, random, icons")
+            raise ValueError(f"unknown selector {sel!r}; available: full, random, icons, a consensus method, "
+                             f"{SPECIALIST}<task>")
         results[name] = cached_stage(
             run, f"select-{name}", out, key, compute, pointer=f"select/{name}", inputs=inputs,
             artifact=(f"selection-{name}", "selection"),
@@ -76,26 +83,50 @@ def _random_rows(run: Run) -> tuple[np.ndarray, object]:
     return np.sort(np.asarray(random.Random(run.cfg.selection.seed).sample(range(len(pool)), k), dtype=np.int64)), pool
 
 
-def _icons(run: Run, out: Path, name: str):
+def _needs_scores(run: Run, name: str) -> None:
+    if "scores" not in run.pointers():
+        raise FileNotFoundError(f"no task scores in {run.run_dir} for the {name} selection: run the scores "
+                                f"stage, or set selection.from_run to reuse another run's selections")
+
+
+def _icons(run: Run, out: Path, name: str, method: str):
+    """The generalist: ``method`` (the consensus config's, or another selector's) over the task scores."""
     from .. import consensus
 
     cfg = run.cfg
-    if "scores" not in run.pointers():
-        raise FileNotFoundError(f"no task scores in {run.run_dir} for the icons selection: run the scores "
-                                f"stage, or set selection.from_run to reuse another run's selections")
-    key = config_hash({"scores": run.key_of("scores"), "sel": section(cfg, "selection", "consensus")})
+    _needs_scores(run, name)
+    sel = section(cfg, "selection", "consensus")
+    sel["consensus"]["method"] = method
+    key = config_hash({"scores": run.key_of("scores"), "sel": sel})
 
     def compute(wrun) -> dict:
         table, merge, _, _ = load_scores(run)
         c = cfg.consensus
-        scores = merge[:, None] if c.method == "merge" else table
-        idx = consensus.select(scores, cfg.selection.ratio, c.method, c.threshold_percentile, c.tie_break,
+        scores = merge[:, None] if method == "merge" else table
+        idx = consensus.select(scores, cfg.selection.ratio, method, c.threshold_percentile, c.tie_break,
                                cfg.selection.seed)
         v = consensus.votes(table, c.threshold_percentile)
         save_npy(out / "votes.npy", v.astype(np.int16))
         extra = {"vote_histogram": {int(k): int(n) for k, n in sorted(Counter(v.tolist()).items())},
                  "selected_vote_histogram": {int(k): int(n) for k, n in sorted(Counter(v[idx].tolist()).items())}}
         return _write(out, name, idx, load_pool(run), extra)
+
+    return key, compute, ["scores"]
+
+
+def _specialist(run: Run, out: Path, name: str, task: str):
+    """One task's own top ``int(ratio * N)`` by its score (the paper's specialist; ties by index)."""
+    from .. import consensus
+
+    cfg = run.cfg
+    _needs_scores(run, name)
+    key = config_hash({"scores": run.key_of("scores"), "sel": section(cfg, "selection"), "specialist": task})
+
+    def compute(wrun) -> dict:
+        table, _, _, tasks = load_scores(run)
+        column = table[:, [tasks.index(task)]]
+        idx = consensus.select(column, cfg.selection.ratio, "mean", tie_break="index")
+        return _write(out, name, idx, load_pool(run), {"task": task})
 
     return key, compute, ["scores"]
 

@@ -41,7 +41,7 @@ def stage_warmup(run: Run) -> dict:
         set_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
         ckpts = run_warmup(model, make_encoder(cfg.model, tok, data_paths(run).image_root), records, out,
                            cfg.warmup.epochs, cfg.warmup.batch_size, cfg.warmup.lr, cfg.seed, cfg.trainer,
-                           logger=tracking.lightning_logger(wrun))
+                           logger=tracking.lightning_logger(wrun), stop_after=cfg.warmup.get("stop_after"))
         if is_main_process():
             write_json(out / "ids.json", [pool.ids[k] for k in rows])
             write_json(out / "positions.json", [pool.file_position(k) for k in rows])

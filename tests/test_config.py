@@ -74,7 +74,7 @@ def test_unknown_experiment(compose_cfg):
         compose_cfg(["+experiment=nope"])
 
 
-def test_group_options_compose(compose_cfg):
+def test_group_options_set_their_values(compose_cfg):
     obj = validate(compose_cfg(["trainer=gpu", "logger=none", "data=mini_llava_smoke"]))
     assert obj.trainer.accelerator == "gpu" and obj.trainer.precision == "bf16-mixed"
     assert obj.logger.kind == "none"

@@ -417,7 +417,8 @@ def test_experiment_llava_20pct_composes(compose_cfg, tmp_path):
     t = obj.train
     assert (t.mode, t.lr, t.scheduler, t.warmup_ratio, t.epochs, t.batch_size) == ("lora", 2e-4, "cosine", 0.03, 1,
                                                                                   128)
-    assert (obj.warmup.fraction, obj.gradient.kind) == (0.05, "adam")
+    # the released code's feature recipe: plain gradients, one early checkpoint of a whole-pool run
+    assert (obj.warmup.fraction, obj.warmup.epochs, obj.warmup.stop_after, obj.gradient.kind) == (1.0, 1, 0.1, "sgd")
     assert (obj.projection.kind, obj.projection.dim) == ("kronecker", 5120)
     assert (obj.consensus.method, obj.consensus.threshold_percentile, obj.selection.ratio) == ("vote", 80.0, 0.2)
     assert obj.trainer.accelerator == "gpu" and obj.selection.from_run is None

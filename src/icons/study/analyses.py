@@ -35,6 +35,11 @@ def overlap(a, b) -> float:
     return 100.0 * len(a & b) / len(a) if a else float("nan")
 
 
+def mask_overlaps(masks: np.ndarray) -> np.ndarray:
+    """(K, K) with ``M[i, j]`` = percent of task i's top set that is also in task j's."""
+    return np.array([[100.0 * (a & b).sum() / a.sum() for b in masks] for a in masks])
+
+
 def overlap_matrix(selections: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
     """(names, M) with ``M[i, j] = overlap(selection_i, selection_j)``."""
     names = list(selections)

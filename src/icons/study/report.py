@@ -161,7 +161,7 @@ def write_study_report(run, subs) -> Path:
                    _fmt(paper.RATIO_REL["random"].get(r)), _fmt(paper.RATIO_REL["icons"].get(r))] for r in rs])
     # ---- per-task top-20% overlap and score correlations
     masks = A.top_masks(first["scores"], 0.2)
-    ov = np.array([[100.0 * (a & b).sum() / a.sum() for b in masks] for a in masks])
+    ov = A.mask_overlaps(masks)
     corr = A.pair_correlations(first["scores"], tasks)
     ours, theirs = A.upper(ov), A.upper(paper_overlap(tasks))
     en, cn = tasks.index("mmbench_en"), tasks.index("mmbench_cn")
@@ -178,16 +178,14 @@ def write_study_report(run, subs) -> Path:
     feats = {}
     for s in (s for s in subs if s.kind == "features"):
         r = runs[s.name]
-        m2 = A.top_masks(r["scores"], 0.2)
+        ov2 = A.mask_overlaps(A.top_masks(r["scores"], 0.2))
         c2 = A.pair_correlations(r["scores"], tasks)
         feats[s.name.removeprefix("features-")] = {
             "overlap_with_default": A.overlap(r["selections"]["icons"]["rows"], icons_rows),
             "rel": relative(r["evals"]["icons"], full0),
             "mean_pair_correlation": float(np.mean(list(c2.values()))),
-            "mmbench_en_cn_overlap": 100.0 * (m2[en] & m2[cn]).sum() / m2[en].sum(),
-            "overlap_vs_paper_pearson": float(np.corrcoef(A.upper(np.array([[100.0 * (a & b).sum() / a.sum()
-                                                                               for b in m2] for a in m2])),
-                                                          theirs)[0, 1]),
+            "mmbench_en_cn_overlap": float(ov2[en, cn]),
+            "overlap_vs_paper_pearson": float(np.corrcoef(A.upper(ov2), theirs)[0, 1]),
             "conv_share": (r["selections"]["icons"]["composition"] or {}).get("subset", {}).get("family", {}).get("conv")}
     if feats:
         conv0 = (sel0["icons"]["composition"] or {}).get("subset", {}).get("family", {}).get("conv")

@@ -19,16 +19,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _last_line(args: list[str], tmp_path) -> str:
+    return _lines(args, tmp_path)[-1]
+
+
+def _lines(args: list[str], tmp_path) -> list[str]:
     out = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin",
                               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.strip().splitlines()[-1]
+    return out.stdout.strip().splitlines()
 
 
 def test_bench_features_line(tmp_path):
-    line = _last_line(["-m", "icons.bench.features", "--examples", "8", "--batch-size", "4", "--dim", "64",
-                       "--repeats", "1", "--projection", "kronecker"], tmp_path)
+    lines = _lines(["-m", "icons.bench.features", "--examples", "8", "--batch-size", "4", "--dim", "64",
+                    "--repeats", "1", "--projection", "kronecker"], tmp_path)
+    selectors = [ln.split()[1] for ln in lines if ln.startswith("selector ")]
+    assert sorted(selectors) == sorted(["icons", "length", "perplexity", "el2n", "semdedup", "coincide", "rds",
+                                        "d2_pruning"])
+    assert all(re.search(r"cost_vs_icons=[\d.]+$", ln) for ln in lines if ln.startswith("selector "))
+    line = lines[-1]
     assert re.fullmatch(r"speedup_vs_reference=[\d.]+ speedup_vs_reference_regen=[\d.]+ cost_vs_train_step=[\d.]+", line)
 
 

@@ -31,8 +31,8 @@ def test_default_composes_and_validates(compose_cfg):
     assert obj.tasks.names[0] == "vqav2" and len(obj.tasks.names) == 10
     assert obj.trainer.accelerator == "cpu"
     assert obj.logger.kind == "wandb"
-    assert obj.stages == ["check", "data", "base", "warmup", "features", "scores", "select", "subset", "train",
-                          "eval", "report"]
+    assert obj.stages == ["check", "data", "base", "warmup", "features", "scores", "forward", "select", "subset",
+                          "train", "eval", "report"]
     assert obj.selectors == ["full", "random", "icons", "round_robin"]
     assert (obj.gradient.kind, obj.projection.kind, obj.consensus.method) == ("adam", "none", "vote")
     assert obj.selection.ratio == pytest.approx(0.2)

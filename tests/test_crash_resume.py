@@ -1,13 +1,13 @@
 """Crash and resume, for real: ``python -m icons.run`` is SIGKILLed inside warmup, feature
-extraction and selection, then the same command is run again; the features (``pool_scores.npy``,
+extraction, the baselines' forward pass and selection, then the same command is run again; the features (``pool_scores.npy``,
 ``pool.npy``, the done mask, the validation means), the task scores and the selection (ids,
 indices) must be byte-identical to an uninterrupted run's.
 
 The kill moment is found by polling the files each stage writes. A smoke stage is over in
 milliseconds to seconds, so the crashed run sets the test hook ``ICONS_TEST_SLOW_STAGE=<stage>``
 (``icons.io.slow_point``): that stage pauses ``ICONS_TEST_SLOW_S`` seconds at each step boundary
-(warmup: after each epoch checkpoint; features: after each pool batch, committed to the done mask
-at once; select: after ``indices.npy``, before ``ids.json`` and the manifest). The rerun has no hook.
+(warmup: after each epoch checkpoint; features and forward: after each batch, committed to the
+done mask at once; select: after ``indices.npy``, before ``ids.json`` and the manifest). The rerun has no hook.
 """
 import json
 import os
@@ -25,7 +25,7 @@ from icons.models.base import pretrain_base
 SMALL = ["data.pool_size=120", "tasks.n_val=2", "tasks.n_test=2", "warmup.epochs=2", "warmup.fraction=0.1",
          "model.text_hidden=64", "model.text_layers=2", "model.vision_hidden=32", "model.lora.r=4",
          "projection=rademacher", "projection.dim=64", "gradient.batch_size=16", "trainer.threads=1",
-         "selectors=[icons]", "stages=[data,base,warmup,features,scores,select]"]
+         "selectors=[icons,el2n,coincide]", "stages=[data,base,warmup,features,scores,forward,select]"]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,7 @@ def _results(run_dir: Path) -> dict[str, bytes]:
     """Relative path -> bytes of every array and id list the pipeline computed."""
     files = [*(run_dir / "features").rglob("*.npy"), *(run_dir / "features").rglob("pool_ids.json"),
              *(run_dir / "scores").rglob("*.npy"), *(run_dir / "scores").rglob("ids.json"),
+             *(run_dir / "forward").rglob("*.npy"),
              *(run_dir / "selection").rglob("*.npy"), *(run_dir / "selection").rglob("ids.json")]
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(files)}
 
@@ -71,12 +72,16 @@ def reference(setup):
     res = _results(root / "reference")
     names = {Path(k).name for k in res}
     assert {"pool_scores.npy", "pool.npy", "pool_done.npy", "val_means.npy", "task_scores.npy", "indices.npy",
-            "ids.json"} <= names
+            "ids.json", "pool_el2n.npy", "pool_coincide.npy"} <= names
     return res
 
 
 def _features_half_done(run_dir: Path) -> bool:
-    for mask in (run_dir / "features").glob("*/checkpoint-*/pool_done.npy"):
+    return _half_done(run_dir, "features/*/checkpoint-*/pool_done.npy")
+
+
+def _half_done(run_dir: Path, pattern: str) -> bool:
+    for mask in run_dir.glob(pattern):
         try:
             done = np.load(mask)
         except (ValueError, OSError, EOFError):
@@ -90,6 +95,7 @@ def _features_half_done(run_dir: Path) -> bool:
 CASES = {
     "warmup": (lambda d: any((d / "warmup").glob("*/checkpoint-1/checkpoint.json")), "warmup/*/manifest.json"),
     "features": (_features_half_done, "features/*/manifest.json"),
+    "forward": (lambda d: _half_done(d, "forward/warmup-*/pool_done.npy"), "forward/warmup-*/manifest.json"),
     "select": (lambda d: (d / "selection" / "icons" / "indices.npy").exists(), "selection/icons/manifest.json"),
 }
 
@@ -123,8 +129,9 @@ def test_sigkill_mid_stage_then_rerun_gives_identical_results(setup, reference, 
         (wdir / ".checkpoint-2.partial").mkdir(exist_ok=True)
         (wdir / ".checkpoint-2.partial" / "lora.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
         first = (wdir / "checkpoint-1" / "lora.safetensors").stat().st_mtime_ns
-    if stage == "features":
-        done = np.load(next((run_dir / "features").glob("*/checkpoint-*/pool_done.npy")))
+    if stage in ("features", "forward"):
+        pattern = "features/*/checkpoint-*/pool_done.npy" if stage == "features" else "forward/warmup-*/pool_done.npy"
+        done = np.load(next(run_dir.glob(pattern)))
         assert 0 < done.sum() < done.size  # the rerun resumes a partly-filled store
 
     _run(root, base, run_dir)  # the same command again

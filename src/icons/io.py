@@ -91,7 +91,7 @@ SLOW_STAGE_ENV, SLOW_SECONDS_ENV = "ICONS_TEST_SLOW_STAGE", "ICONS_TEST_SLOW_S"
 
 def slow_stage(stage: str) -> bool:
     """Whether the crash-test hook is on for ``stage``: ``ICONS_TEST_SLOW_STAGE=<stage>`` (one of
-    ``warmup``, ``features``, ``select``). Off unless that variable is set; never set it in real
+    ``warmup``, ``features``, ``forward``, ``select``). Off unless that variable is set; never set it in real
     runs. Used by ``tests/test_crash_resume.py`` to SIGKILL a run inside a stage, at a moment it
     can see from the stage's files (a stage of the smoke run is otherwise over in milliseconds)."""
     return os.environ.get(SLOW_STAGE_ENV) == stage
@@ -100,7 +100,7 @@ def slow_stage(stage: str) -> bool:
 def slow_point(stage: str) -> None:
     """The hook's pause: with ``ICONS_TEST_SLOW_STAGE=<stage>``, sleep ``ICONS_TEST_SLOW_S`` seconds
     (default 2) at this step boundary of ``stage`` (warmup: after each epoch checkpoint; features:
-    after each pool batch, whose rows are then committed to the done mask at once; select: after
+    and forward: after each batch, whose rows are then committed to the done mask at once; select: after
     ``indices.npy``, before ``ids.json`` and the manifest). Does nothing otherwise."""
     if slow_stage(stage):
         import time

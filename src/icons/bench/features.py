@@ -9,10 +9,14 @@
     one LoRA matrix at a time, Adam per matrix, the projection accumulated per matrix (the
     whole-model per-example gradient is never formed); ``--projection kronecker``: the structured
     projection instead of the dense one;
-(c) a plain batched LoRA training step (forward, backward, AdamW) on the same batches.
-(b) and (c) use the same length-bucketed batches (``extract.batch_plan``, as extraction does).
-Medians over repeats; ends with ``speedup_vs_reference=<x> speedup_vs_reference_regen=<x'>
-cost_vs_train_step=<y>``.
+(c) a plain batched LoRA training step (forward, backward, AdamW) on the same batches;
+(d) what the baseline selectors compute per example: the ``forward`` stage's pass (loss, EL2N,
+    pooled hidden states and COINCIDE's attention outputs in one forward, no gradients: what
+    perplexity, el2n, semdedup, d2_pruning (two passes: base and warmup), coincide and rds cost)
+    and ``length``'s tokenization alone.
+(b), (c) and (d) use the same length-bucketed batches (``extract.batch_plan``, as extraction does).
+Medians over repeats; a line per selector (its ms per example and its cost against icons' feature
+pass), then ``speedup_vs_reference=<x> speedup_vs_reference_regen=<x'> cost_vs_train_step=<y>``.
 """
 from __future__ import annotations
 
@@ -54,14 +58,16 @@ def _setup(n: int, seed: int = 0):
     rng = random.Random(seed)
     fams, weights = list(FAMILY_SHARES), list(FAMILY_SHARES.values())
     enc = Encoder(tok, 16, 32, 160)
-    items = []
+    items, records = [], []
     while len(items) < n:
         rec = make_record(rng.choices(fams, weights)[0], rng)
         if rec is None:
             continue
         px = None if rec["_spec"] is None else tiny_llava.pixels_uint8(render(rec["_spec"]), 32)
         items.append(enc.encode(rec, pixels=px))
-    return model, tok, items
+        # tokenized without its image (never opened): what the length selector reads
+        records.append({**rec, "image": "unused.png"} if px is not None else rec)
+    return model, tok, items, records, enc
 
 
 def main(argv=None) -> None:
@@ -82,7 +88,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     torch.set_flush_denormal(True)
     dev = torch.device(a.device)
-    model, tok, items = _setup(a.examples)
+    model, tok, items, records, enc = _setup(a.examples)
     model.to(dev)
     pad = tok.pad_token_id
     # length-bucketed batches (extract's batch_plan), for icons and the training step alike; the
@@ -131,16 +137,34 @@ def main(argv=None) -> None:
             opt.zero_grad(set_to_none=True)
         model.eval()
 
+    from ..selectors.forward import AttentionOutputs, batch_values, coincide_layers
+
+    layers = coincide_layers(model.config.get_text_config().num_hidden_layers, None)
+    image_id = tok.convert_tokens_to_ids("<image>")
+
+    def forward_pass():
+        attn = AttentionOutputs(model, layers)
+        with torch.inference_mode():
+            for b in batches:
+                batch_values(model, dict(b), attn, image_id)
+        attn.remove()
+
+    def tokenize():
+        for r in records:
+            enc.encode(r, load_image=False)
+
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
     ours()  # warm caches (the projection's int8 blocks, allocator, CUDA kernels)
     train_step()
-    times = {"reference": [], "reference_regen": [], "icons": [], "train_step": []}
+    forward_pass()
+    times = {"reference": [], "reference_regen": [], "icons": [], "train_step": [], "forward": [], "tokenize": []}
     for _ in range(a.repeats):
         for name, fn in (("reference", lambda: reference(dense_once)), ("reference_regen", reference),
-                         ("icons", ours), ("train_step", train_step)):
+                         ("icons", ours), ("train_step", train_step), ("forward", forward_pass),
+                         ("tokenize", tokenize)):
             sync()
             t = time.perf_counter()
             fn()
@@ -153,6 +177,12 @@ def main(argv=None) -> None:
           f"device={where} padding={1 - real / padded:.1%}")
     for k in times:
         print(f"  {k:<15} median {med[k]:.3f}s  ({per_ex[k]:.2f} ms/example)  runs={[round(x, 3) for x in times[k]]}")
+    passes = {"icons": ("icons", 1), "length": ("tokenize", 1), "perplexity": ("forward", 1),
+              "el2n": ("forward", 1), "semdedup": ("forward", 1), "coincide": ("forward", 1), "rds": ("forward", 1),
+              "d2_pruning": ("forward", 2)}
+    for name, (what, n) in passes.items():
+        ms = n * per_ex[what]
+        print(f"selector {name:<11} {ms:8.2f} ms/example  ({n} x {what})  cost_vs_icons={ms / per_ex['icons']:.3f}")
     print(f"speedup_vs_reference={med['reference'] / med['icons']:.2f} "
           f"speedup_vs_reference_regen={med['reference_regen'] / med['icons']:.2f} "
           f"cost_vs_train_step={med['icons'] / med['train_step']:.2f}")

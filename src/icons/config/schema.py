@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 from .checks import (FieldError, _check_choice, _check_nonempty_str, _check_range, _check_str_list, _fmt,
                      _non_negative, _numbers, _positive, _unresolved)
 from .groups import LOSS_CHOICES, DataConfig, LoggerConfig, ModelConfig, TasksConfig, TrainerConfig
+from .selector import BASELINE_CHOICES, CLIP_NEEDS_A_MODEL, CONSENSUS_CHOICES, SelectorConfig
 
 #: Pipeline stages, in the order ``run.py`` may execute them.
 KNOWN_STAGES: tuple[str, ...] = (
@@ -22,6 +23,7 @@ KNOWN_STAGES: tuple[str, ...] = (
     "warmup",
     "features",
     "scores",
+    "forward",
     "select",
     "subset",
     "train",
@@ -38,11 +40,11 @@ WARMUP_CHECKPOINT_CHOICES = ("last", "all")
 GRADIENT_CHOICES = ("adam", "sgd")
 PROJECTION_CHOICES = ("none", "rademacher", "kronecker")
 FEATURE_DTYPE_CHOICES = ("float32", "float16")
-CONSENSUS_CHOICES = ("vote", "mean", "max", "rank", "norm", "merge", "round_robin", "balanced")
 TIE_BREAK_CHOICES = ("mean_rank", "index", "random")
 #: full, random, icons (the consensus.method's row: vote = ICONS), any other consensus method on the
-#: same scores (its own row), and specialist-<task>: one task's own top (the paper's specialist)
-SELECTOR_CHOICES = ("full", "random", "icons", *[m for m in CONSENSUS_CHOICES if m != "vote"])
+#: same scores (its own row), specialist-<task>: one task's own top (the paper's specialist), and the
+#: baselines (``icons.selectors``)
+SELECTOR_CHOICES = ("full", "random", "icons", *[m for m in CONSENSUS_CHOICES if m != "vote"], *BASELINE_CHOICES)
 SPECIALIST = "specialist-"
 
 
@@ -268,7 +270,8 @@ class RootConfig:
 
     seed: int = 0
     stages: List[str] = field(default_factory=lambda: [
-        "check", "data", "base", "warmup", "features", "scores", "select", "subset", "train", "eval", "report"])
+        "check", "data", "base", "warmup", "features", "scores", "forward", "select", "subset", "train", "eval",
+        "report"])
     #: round_robin: the consensus beyond the paper with the best mean relative performance over the
     #: miniature study's three seeds (69.8 against the vote's 57.1 and random's 73.7; docs/findings.md)
     selectors: List[str] = field(default_factory=lambda: ["full", "random", "icons", "round_robin"])
@@ -289,6 +292,7 @@ class RootConfig:
     gradient: GradientConfig = field(default_factory=GradientConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self) -> None:
@@ -305,6 +309,8 @@ class RootConfig:
         for sel in self.selectors:
             if (why := selector_error(sel, self.tasks.names)) is not None:
                 raise FieldError("selectors", self.selectors, why)
+        if "clip_score" in self.selectors and not self.selector.clip_score.model:
+            raise FieldError("selectors", self.selectors, CLIP_NEEDS_A_MODEL)
         method = self.consensus.method
         if "icons" in self.selectors and method != "vote" and method in self.selectors:
             raise FieldError("selectors", self.selectors, f"names {method!r} twice (icons with "

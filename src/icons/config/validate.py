@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .checks import ConfigError, FieldError
 from .groups import DataConfig, LoggerConfig, ModelConfig, TasksConfig, TrainerConfig
 from .schema import ConsensusConfig, GradientConfig, ProjectionConfig, RootConfig, WarmupConfig
+from .selector import SelectorConfig
 
 #: The package that holds the YAML configs once installed (the top-level
 #: ``conf/`` directory of the repository is shipped as ``icons.conf``).
@@ -80,6 +81,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "gradient": GradientConfig,
     "projection": ProjectionConfig,
     "consensus": ConsensusConfig,
+    "selector": SelectorConfig,
 }
 
 

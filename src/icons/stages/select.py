@@ -3,7 +3,8 @@ the same budget, as pool indices (``indices.npy``) and ids (``ids.json``).
 
 ``icons``: the tasks vote at each one's ``consensus.threshold_percentile`` and the top
 ``int(ratio * N)`` by votes are kept (``consensus.py``; another ``consensus.method`` names the row
-after itself); ``random``: a seeded sample of the same size. ``selection.from_run``: the
+after itself); ``random``: a seeded sample of the same size; the baselines (``length``, ``el2n``,
+``semdedup``, ...: ``icons.selectors``) from the stores of the ``forward`` stage. ``selection.from_run``: the
 selections of another finished run over the same pool, e.g. the subset 7B chose, to train 13B.
 """
 from __future__ import annotations
@@ -17,10 +18,11 @@ from omegaconf import DictConfig
 
 from ..config import CONSENSUS_CHOICES
 from ..config.schema import SPECIALIST
+from ..config.selector import BASELINE_CHOICES
 from ..io import config_hash, read_json, save_npy, slow_point, write_json
 from ..pipeline.cached import cached_stage
 from ..pipeline.rundir import Run, section
-from .data import load_pool
+from .data import load_pool, load_val
 from .scores import load_scores
 
 
@@ -53,9 +55,11 @@ def stage_select(run: Run) -> dict:
             key, compute, inputs = _icons(run, out, name, sel)
         elif sel.startswith(SPECIALIST):
             key, compute, inputs = _specialist(run, out, name, sel[len(SPECIALIST):])
+        elif sel in BASELINE_CHOICES:
+            key, compute, inputs = _baseline(run, out, name)
         else:
             raise ValueError(f"unknown selector {sel!r}; available: full, random, icons, a consensus method, "
-                             f"{SPECIALIST}<task>")
+                             f"{SPECIALIST}<task>, {', '.join(BASELINE_CHOICES)}")
         results[name] = cached_stage(
             run, f"select-{name}", out, key, compute, pointer=f"select/{name}", inputs=inputs,
             artifact=(f"selection-{name}", "selection"),
@@ -129,6 +133,42 @@ def _specialist(run: Run, out: Path, name: str, task: str):
         return _write(out, name, idx, load_pool(run), {"task": task})
 
     return key, compute, ["scores"]
+
+
+def _baseline(run: Run, out: Path, name: str):
+    """A baseline selector (``icons.selectors``) over the forward stores it reads."""
+    from ..consensus import budget
+    from ..selectors import NEEDS
+    from ..selectors.choose import SelectorInputs, choose
+    from .forward import forward_stores
+
+    cfg = run.cfg
+    stores = forward_stores(run)
+    missing = [m for m in NEEDS[name] if m not in stores]
+    if missing:
+        raise FileNotFoundError(f"the {name} selection reads the {' and '.join(missing)} forward store(s), which "
+                                f"{run.run_dir} does not have: put forward before select in stages")
+    key = config_hash({"data": run.key_of("data"), "sel": section(cfg, "selection"), "baseline": name,
+                       "settings": section(cfg, "selector")["selector"].get(name, {}),
+                       "stores": {m: run.key_of(f"forward/{m}") for m in NEEDS[name]},
+                       **({"tokenizer": run.key_of("base"), "max_length": cfg.model.max_length}
+                          if name == "length" else {})})
+
+    def lengths():
+        from ..data.encode import IGNORE
+        from ..models.loading import check_encoder
+
+        enc = check_encoder(cfg)
+        return np.asarray([sum(t != IGNORE for t in enc.encode(r, load_image=False).labels) for r in load_pool(run)],
+                          dtype=np.float64)
+
+    def compute(wrun) -> dict:
+        pool = load_pool(run)
+        inp = SelectorInputs(len(pool), stores, [r["task"] for r in load_val(run)], list(cfg.tasks.names), lengths)
+        idx, extra = choose(name, inp, budget(len(pool), cfg.selection.ratio), cfg.selector, cfg.selection.seed)
+        return _write(out, name, idx, pool, extra)
+
+    return key, compute, ["data", *[f"forward/{m}" for m in NEEDS[name]]]
 
 
 def selection_from_run(run: Run, src_run: Path, name: str, out: Path):

@@ -26,7 +26,7 @@ from ..pipeline.rundir import Run
 log = logging.getLogger(__name__)
 
 #: the stages of a sub-run (the check ran once, before the study)
-SUB_STAGES = ["data", "base", "warmup", "features", "scores", "select", "subset", "train", "eval", "report"]
+SUB_STAGES = ["data", "base", "warmup", "features", "scores", "forward", "select", "subset", "train", "eval", "report"]
 
 
 @dataclass

@@ -155,7 +155,13 @@ def select(scores, ratio: float, method: str = "vote", threshold_percentile: flo
            tie_break: str = "mean_rank", seed: int = 0) -> np.ndarray:
     """Exactly ``int(ratio * N)`` selected row indices of the (N, K) ``scores``, sorted ascending."""
     scores = np.asarray(scores, dtype=np.float64)
-    k = budget(scores.shape[0], ratio)
+    return select_k(scores, budget(scores.shape[0], ratio), method, threshold_percentile, tie_break, seed)
+
+
+def select_k(scores, k: int, method: str = "vote", threshold_percentile: float = 80,
+             tie_break: str = "mean_rank", seed: int = 0) -> np.ndarray:
+    """:func:`select` for a budget of ``k`` rows."""
+    scores = np.asarray(scores, dtype=np.float64)
     if method in GREEDY:
         _check(scores)
         fill = round_robin if method == "round_robin" else balanced

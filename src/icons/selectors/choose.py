@@ -116,11 +116,7 @@ def _rds(inp, k, cfg, seed):
     pool, val = inp.column("base", "embed_weighted"), inp.column("base", "embed_weighted", prefix="val")
     table = rds_table(pool, val, inp.val_tasks, inp.tasks)
     method = cfg.rds.consensus
-    if method in consensus.GREEDY:
-        rows = (consensus.round_robin if method == "round_robin" else consensus.balanced)(table, k)
-    else:
-        rows = consensus.ordering(table, method)[:k]
-    return np.sort(np.asarray(rows, dtype=np.int64)), {"consensus": method}
+    return consensus.select_k(table, k, method), {"consensus": method}
 
 
 @baseline("clip_score", ("clip",))

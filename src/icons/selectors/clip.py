@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from ..data.encode import has_image, image_path
-from ..features.plan import shard_plan
-from ..predict import Rows, loader, predictor
-from .forward import StoreRows
+from ..predict import Rows
+from .forward import predict_into
 from .store import RowStore
 
 
@@ -73,8 +72,6 @@ def fill_clip_store(model_dir: str | Path, records, image_root: Path | None, out
     model.to(device).eval()
     store = RowStore.open(out_dir, len(records), {"clip_score": (1, "float32")}, {**made, "clip": str(model_dir)})
     plan = [list(range(s, min(s + batch_size, len(records)))) for s in range(0, len(records), batch_size)]
-    mine = shard_plan(plan, rank, world_size)
-    todo = [b for b in mine if not store.done[b].all()]
 
     def make(rows):
         texts, pixels = [], []
@@ -88,8 +85,5 @@ def fill_clip_store(model_dir: str | Path, records, image_root: Path | None, out
                 pixels.append(None)
         return Rows(rows, (texts, pixels))
 
-    if todo:
-        trainer = predictor(trainer_cfg, "forward: clip", len(mine) - len(todo), len(mine),
-                            callbacks=[StoreRows(store)])
-        trainer.predict(ClipSteps(model, tok), loader(todo, make), return_predictions=False)
-    return {"rows_done": sum(len(b) for b in todo), "complete": store.complete, "wall_s": round(time.time() - t0, 2)}
+    done = predict_into(store, plan, make, ClipSteps(model, tok), "forward: clip", rank, world_size, trainer_cfg)
+    return {"rows_done": done, "complete": store.complete, "wall_s": round(time.time() - t0, 2)}

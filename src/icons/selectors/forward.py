@@ -186,12 +186,21 @@ def fill_store(model, encoder, records, out_dir: Path, prefix: str, made: dict, 
     store = RowStore.open(out_dir, len(records), columns(hidden, layers, dtype), {**made, "layers": list(layers)},
                           prefix)
     lengths = [min(encoder.length(r), encoder.max_length) for r in records]
-    mine = shard_plan(batch_plan(lengths, batch_size, max_tokens), rank, world_size)
+    make = lambda rows: Rows(rows, {i: encoder.encode(records[i]) for i in rows})  # noqa: E731
+    steps = ForwardSteps(model, encoder.tok.pad_token_id, encoder.image_id, list(layers), [])
+    done = predict_into(store, batch_plan(lengths, batch_size, max_tokens), make, steps, f"forward: {prefix}", rank,
+                        world_size, trainer_cfg, save_every_s)
+    return {"rows_done": done, "complete": store.complete, "wall_s": round(time.time() - t0, 2)}
+
+
+def predict_into(store: RowStore, plan: list[list[int]], make, steps: L.LightningModule, label: str, rank: int,
+                 world_size: int, trainer_cfg=None, save_every_s: float = 30.0) -> int:
+    """This rank's batches of a global ``plan`` not yet done, through ``steps`` (a prediction
+    loop whose batches ``make(rows)`` builds) into ``store``. Returns the rows it did."""
+    mine = shard_plan(plan, rank, world_size)
     todo = [b for b in mine if not store.done[b].all()]
     if todo:
-        trainer = predictor(trainer_cfg, f"forward: {prefix}", len(mine) - len(todo), len(mine),
+        trainer = predictor(trainer_cfg, label, len(mine) - len(todo), len(mine),
                             callbacks=[StoreRows(store, save_every_s)])
-        make = lambda rows: Rows(rows, {i: encoder.encode(records[i]) for i in rows})  # noqa: E731
-        steps = ForwardSteps(model, encoder.tok.pad_token_id, encoder.image_id, list(layers), [])
         trainer.predict(steps, loader(todo, make), return_predictions=False)
-    return {"rows_done": sum(len(b) for b in todo), "complete": store.complete, "wall_s": round(time.time() - t0, 2)}
+    return sum(len(b) for b in todo)

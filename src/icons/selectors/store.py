@@ -72,9 +72,13 @@ class RowStore:
         return bool(np.asarray(self.done).all())
 
 
+def rows_missing(out_dir: Path, prefix: str = "pool") -> int:
+    """How many rows of a store its done mask does not mark."""
+    return int((~np.load(out_dir / f"{prefix}_done.npy")).sum())
+
+
 def load_column(out_dir: Path, name: str, prefix: str = "pool") -> np.ndarray:
     """A finished store's column (N x width; refused while rows are missing)."""
-    done = np.load(out_dir / f"{prefix}_done.npy")
-    if not done.all():
-        raise ValueError(f"{out_dir}: {int((~done).sum())} {prefix} rows have no values yet; rerun the stage to resume")
+    if missing := rows_missing(out_dir, prefix):
+        raise ValueError(f"{out_dir}: {missing} {prefix} rows have no values yet; rerun the stage to resume")
     return np.load(out_dir / f"{prefix}_{name}.npy", mmap_mode="r")

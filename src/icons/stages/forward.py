@@ -41,6 +41,8 @@ def _store(run: Run, which: str) -> dict:
     out = run.shared("forward", which, key)
 
     def compute(wrun) -> dict:
+        from ..selectors.store import rows_missing
+
         rank, world = init_distributed()
         device = compute_device(cfg.trainer)
         pool = load_pool(run)
@@ -53,8 +55,8 @@ def _store(run: Run, which: str) -> dict:
         else:
             res = _fill(run, which, pool, out, made_here, rank, world, device)
         barrier()
-        missing = [name for name, r in res.items() if not r["complete"]]
-        if missing and not _complete(out, list(res)):
+        missing = [name for name in res if rows_missing(out, name)]
+        if missing:
             raise RuntimeError(f"{out}: {', '.join(missing)} rows still missing after every rank finished; "
                                f"rerun to resume")
         log.info("forward %s: %s", which, ", ".join(f"{k} {v['rows_done']} rows in {v['wall_s']:.0f}s"
@@ -86,12 +88,6 @@ def _fill(run: Run, which: str, pool, out, made: dict, rank: int, world: int, de
     sets = {"pool": pool, **({"val": load_val(run)} if which == "base" else {})}
     return {name: fill_store(model, enc, recs, out, name, made, layers, s.dtype, s.batch_size, s.max_tokens,
                              rank, world, cfg.trainer) for name, recs in sets.items()}
-
-
-def _complete(out, prefixes: list[str]) -> bool:
-    import numpy as np
-
-    return all(np.load(out / f"{p}_done.npy").all() for p in prefixes)
 
 
 def forward_stores(run: Run) -> dict:

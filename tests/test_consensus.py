@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from icons.consensus import select, task_ranks, thresholds, votes
+from icons.consensus import resample, select, task_ranks, thresholds, votes
 
 # Two tasks, five pool examples (worked by hand below).
 S = np.array([[0.9, 0.2], [0.1, 0.8], [0.5, 0.6], [0.7, 0.4], [0.3, 0.9]])
@@ -101,10 +101,48 @@ def test_round_robin_breaks_a_tasks_ties_by_votes():
     assert select(scores, 1 / 4, method="round_robin", threshold_percentile=50).tolist() == [1]
 
 
-@pytest.mark.parametrize("method", ["round_robin", "balanced"])
+@pytest.mark.parametrize("method", ["round_robin", "balanced", "resample", "stratified"])
 def test_greedy_consensus_exact_budget_and_deterministic(method):
     rng = np.random.default_rng(3)
     scores = rng.normal(size=(500, 7))
     a = select(scores, 0.2, method=method)
     assert len(a) == 100 == len(set(a.tolist())) and np.array_equal(a, select(scores, 0.2, method=method))
     assert a.tolist() == sorted(a.tolist())
+
+
+def test_resample_draws_a_tasks_record_with_probability_exp_z():
+    # one task, z = (-1.2247, 0, 1.2247): the first draw is row i with probability softmax(z)_i
+    scores = np.array([[0.0], [1.0], [2.0]])
+    z = (scores[:, 0] - 1.0) / np.sqrt(2 / 3)
+    expected = np.exp(z) / np.exp(z).sum()
+    firsts = np.bincount([int(select(scores, 1 / 3, "resample", seed=s)[0]) for s in range(3000)], minlength=3)
+    assert np.abs(firsts / 3000 - expected).max() < 0.03, (firsts / 3000, expected)
+
+
+def test_resample_gives_each_task_its_turn_and_follows_the_seed():
+    # task 0 scores rows 0-49 high (z +1, the rest -1), task 1 rows 50-99. Turns alternate (resample
+    # returns rows in draw order); a task's draw lands in its own half with probability e / (e + 1/e)
+    scores = np.zeros((100, 2))
+    scores[:50, 0] = 50.0
+    scores[50:, 1] = 50.0
+    own = [np.mean([(r < 50) == (t % 2 == 0) for t, r in enumerate(resample(scores, 20, seed=s))])
+           for s in range(200)]
+    assert abs(np.mean(own) - np.e / (np.e + 1 / np.e)) < 0.02
+    a = select(scores, 0.2, "resample", seed=1)
+    assert np.array_equal(a, select(scores, 0.2, "resample", seed=1))
+    assert not np.array_equal(a, select(scores, 0.2, "resample", seed=2))
+
+
+def test_stratified_keeps_each_profiles_share_and_votes_inside():
+    # rows 0-5 help task 0, rows 6-7 task 1. 75th-percentile thresholds: task 0 at 10 (rows 0, 1), task 1
+    # at 4 (rows 6, 7): the vote's top 4 is rows 0, 1, 6, 7. Two strata of 6 and 2 rows get 3 and 1 of the
+    # 4: rows 0, 1 (a vote each), then row 2 (mean rank 2 like row 3; lower index); row 6 (mean rank 3
+    # against row 7's 3.5).
+    scores = np.array([[10, 0], [10, 0], [9, 0], [9, 0], [8, 0], [8, 0], [0, 5], [0, 4]], dtype=float)
+    assert select(scores, 0.5, "vote", threshold_percentile=75).tolist() == [0, 1, 6, 7]
+    assert select(scores, 0.5, "stratified", threshold_percentile=75, strata=2).tolist() == [0, 1, 2, 6]
+
+
+def test_one_stratum_is_the_vote():
+    scores = np.random.default_rng(5).normal(size=(300, 6))
+    assert np.array_equal(select(scores, 0.2, "stratified", strata=1), select(scores, 0.2, "vote"))

@@ -8,7 +8,7 @@ import torch
 from icons.data.encode import IGNORE
 from icons.selectors import baselines, stores_needed
 from icons.selectors.forward import coincide_features, coincide_layers, example_stats, pooled
-from icons.selectors.geometry import kmeans, knn, unit_rows
+from icons.geometry import kmeans, knn, unit_rows
 
 
 def test_length_picks_the_longest_answers():

@@ -26,15 +26,25 @@ records that many similar tasks like crowd out data only one task wants):
   does (Dai et al., 2025): scores are z-scored per task; each step adds, for the task whose
   selected records have the lowest summed z-score so far, its best remaining record.
 
-Both use only the validation-derived scores; neither looks at test data.
+Two more that keep the pool's variety as well, since a subset of one kind of record (short answers)
+hurts the tasks that need another (long ones) even when every task has its quota:
+
+- ``resample``: per-task quotas as ``round_robin``, but each task draws its next record at random
+  with probability proportional to ``exp(z)`` (its z-scored score) instead of taking its best:
+  importance resampling, as DSIR does (Xie et al., 2023), drawn with Gumbel keys from the seed;
+- ``stratified``: the paper's vote inside strata. Spherical k-means (``strata`` clusters, seeded) on
+  the rows' z-score profiles groups records by which tasks they help; each stratum gets its share of
+  the pool's rows as its share of the budget (largest remainders), filled in the vote's order.
+
+All use only the validation-derived scores; none looks at test data.
 """
 from __future__ import annotations
 
 import numpy as np
 
-METHODS = ("vote", "mean", "max", "rank", "norm", "merge", "round_robin", "balanced")
+METHODS = ("vote", "mean", "max", "rank", "norm", "merge", "round_robin", "balanced", "resample", "stratified")
 #: methods that fill the budget step by step instead of ranking by one number
-GREEDY = ("round_robin", "balanced")
+GREEDY = ("round_robin", "balanced", "resample", "stratified")
 TIE_BREAKS = ("mean_rank", "index", "random")
 
 
@@ -92,9 +102,7 @@ def ordering(scores: np.ndarray, method: str = "vote", threshold_percentile: flo
     elif method == "rank":
         primary = task_ranks(scores).mean(axis=1)
     else:  # norm
-        std = scores.std(axis=0)
-        z = (scores - scores.mean(axis=0)) / np.where(std > 0, std, 1.0)
-        primary = -z.mean(axis=1)
+        primary = -zscores(scores).mean(axis=1)
     if tie_break == "mean_rank":
         secondary = task_ranks(scores).mean(axis=1)
     elif tie_break == "index":
@@ -112,10 +120,15 @@ def _task_orders(scores: np.ndarray, threshold_percentile: float) -> list[np.nda
     return [np.lexsort((index, mean_rank, -v, -scores[:, j])) for j in range(scores.shape[1])]
 
 
-def round_robin(scores: np.ndarray, k: int, threshold_percentile: float = 80) -> np.ndarray:
-    """``k`` rows: the tasks take turns (in column order), each adding its best row not yet taken."""
-    orders = _task_orders(scores, threshold_percentile)
-    taken = np.zeros(scores.shape[0], dtype=bool)
+def zscores(scores: np.ndarray) -> np.ndarray:
+    """Each task's column minus its mean over its population std (a constant column becomes 0)."""
+    std = scores.std(axis=0)
+    return (scores - scores.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+
+def _take_turns(orders: list[np.ndarray], k: int) -> np.ndarray:
+    """``k`` rows: the tasks take turns (in column order), each adding its first row not yet taken."""
+    taken = np.zeros(len(orders[0]), dtype=bool)
     cursor = [0] * len(orders)
     out: list[int] = []
     while len(out) < k:
@@ -130,11 +143,46 @@ def round_robin(scores: np.ndarray, k: int, threshold_percentile: float = 80) ->
     return np.asarray(out, dtype=np.int64)
 
 
+def round_robin(scores: np.ndarray, k: int, threshold_percentile: float = 80) -> np.ndarray:
+    """``k`` rows: the tasks take turns (in column order), each adding its best row not yet taken."""
+    return _take_turns(_task_orders(scores, threshold_percentile), k)
+
+
+def resample(scores: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """``k`` rows: the tasks take turns, each drawing a row not yet taken with probability
+    proportional to ``exp(z)`` of its column. Sorting ``z + Gumbel noise`` descending and skipping
+    taken rows is exactly that sequence of draws without replacement (the Gumbel-top-k trick)."""
+    keys = zscores(scores) + np.random.default_rng(seed).gumbel(size=scores.shape)
+    return _take_turns([np.argsort(-keys[:, j], kind="stable") for j in range(scores.shape[1])], k)
+
+
+def stratified(scores: np.ndarray, k: int, threshold_percentile: float = 80, tie_break: str = "mean_rank",
+               seed: int = 0, strata: int = 20) -> np.ndarray:
+    """``k`` rows: strata of the rows' z-score profile directions (seeded spherical k-means), each
+    given ``k * size / N`` rows (largest remainders, ties to the lower stratum), filled in the
+    vote's order (:func:`ordering`)."""
+    import torch  # only this consensus needs torch (the k-means is shared with the baselines)
+
+    from .geometry import kmeans
+
+    z = torch.from_numpy(zscores(scores).astype(np.float32))
+    labels = kmeans(z / z.norm(dim=1, keepdim=True).clamp_min(1e-12), strata, seed)[0].numpy()
+    sizes = np.bincount(labels, minlength=labels.max() + 1)
+    exact = k * sizes / len(labels)
+    quota = np.floor(exact).astype(np.int64)
+    quota[np.argsort(-(exact - quota), kind="stable")[:k - quota.sum()]] += 1
+    out: list[int] = []
+    for row in ordering(scores, "vote", threshold_percentile, tie_break, seed):
+        if quota[labels[row]] > 0:
+            quota[labels[row]] -= 1
+            out.append(int(row))
+    return np.asarray(out, dtype=np.int64)
+
+
 def balanced(scores: np.ndarray, k: int, threshold_percentile: float = 80) -> np.ndarray:
     """``k`` rows: per-task z-scores; each step, the task whose selected rows have the lowest summed
     z-score (first such task on ties) adds its best row not yet taken."""
-    std = scores.std(axis=0)
-    z = (scores - scores.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    z = zscores(scores)
     orders = _task_orders(scores, threshold_percentile)
     taken = np.zeros(scores.shape[0], dtype=bool)
     cursor = [0] * len(orders)
@@ -152,19 +200,26 @@ def balanced(scores: np.ndarray, k: int, threshold_percentile: float = 80) -> np
 
 
 def select(scores, ratio: float, method: str = "vote", threshold_percentile: float = 80,
-           tie_break: str = "mean_rank", seed: int = 0) -> np.ndarray:
+           tie_break: str = "mean_rank", seed: int = 0, strata: int = 20) -> np.ndarray:
     """Exactly ``int(ratio * N)`` selected row indices of the (N, K) ``scores``, sorted ascending."""
     scores = np.asarray(scores, dtype=np.float64)
-    return select_k(scores, budget(scores.shape[0], ratio), method, threshold_percentile, tie_break, seed)
+    return select_k(scores, budget(scores.shape[0], ratio), method, threshold_percentile, tie_break, seed, strata)
 
 
 def select_k(scores, k: int, method: str = "vote", threshold_percentile: float = 80,
-             tie_break: str = "mean_rank", seed: int = 0) -> np.ndarray:
+             tie_break: str = "mean_rank", seed: int = 0, strata: int = 20) -> np.ndarray:
     """:func:`select` for a budget of ``k`` rows."""
     scores = np.asarray(scores, dtype=np.float64)
     if method in GREEDY:
         _check(scores)
-        fill = round_robin if method == "round_robin" else balanced
-        return np.sort(fill(scores, k, threshold_percentile))
+        if method == "round_robin":
+            rows = round_robin(scores, k, threshold_percentile)
+        elif method == "balanced":
+            rows = balanced(scores, k, threshold_percentile)
+        elif method == "resample":
+            rows = resample(scores, k, seed)
+        else:
+            rows = stratified(scores, k, threshold_percentile, tie_break, seed, strata)
+        return np.sort(rows)
     order = ordering(scores, method, threshold_percentile, tie_break, seed)
     return np.sort(order[:k])

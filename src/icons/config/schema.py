@@ -222,9 +222,12 @@ class ConsensusConfig:
     method: str = "vote"
     threshold_percentile: float = 80.0
     tie_break: str = "mean_rank"
+    #: stratified: k-means clusters of the score profiles (about two per task)
+    strata: int = 20
 
     def __post_init__(self) -> None:
         _check_choice(self, "method", CONSENSUS_CHOICES)
+        _positive(self, "strata")
         _check_range(self, "threshold_percentile", 0.0, 100.0, lo_open=True, hi_open=True)
         _check_choice(self, "tie_break", TIE_BREAK_CHOICES)
 

@@ -9,7 +9,8 @@ from .checks import FieldError, _check_choice, _positive
 
 #: the consensus methods (group ``consensus``; defined here because RDS+ combines its task scores
 #: with any of them, and the schema imports this module)
-CONSENSUS_CHOICES = ("vote", "mean", "max", "rank", "norm", "merge", "round_robin", "balanced")
+CONSENSUS_CHOICES = ("vote", "mean", "max", "rank", "norm", "merge", "round_robin", "balanced", "resample",
+                     "stratified")
 BAND_CHOICES = ("low", "middle", "high")
 #: the baseline selectors (``icons.selectors``)
 BASELINE_CHOICES = ("length", "perplexity", "el2n", "semdedup", "d2_pruning", "coincide", "rds", "clip_score")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .geometry import kmeans, knn, unit_rows
+from ..geometry import kmeans, knn, unit_rows
 
 BANDS = ("low", "middle", "high")
 

@@ -108,7 +108,7 @@ def _icons(run: Run, out: Path, name: str, method: str):
         c = cfg.consensus
         scores = merge[:, None] if method == "merge" else table
         idx = consensus.select(scores, cfg.selection.ratio, method, c.threshold_percentile, c.tie_break,
-                               cfg.selection.seed)
+                               cfg.selection.seed, c.strata)
         v = consensus.votes(table, c.threshold_percentile)
         save_npy(out / "votes.npy", v.astype(np.int16))
         extra = {"vote_histogram": {int(k): int(n) for k, n in sorted(Counter(v.tolist()).items())},

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import tracking
+from ..consensus import GREEDY
 from ..evaluate import relative
 from ..io import atomic_write_text, read_json, write_json
 from . import analyses as A
@@ -75,8 +76,8 @@ def _summary(summary: dict, spec: dict, fidelity: dict, sel0: dict) -> list[str]
                  f"average, their top-20% sets overlap {fidelity['mean_pair_overlap']:.1f}% (chance 20%), mmbench en/cn "
                  f"{fidelity['mmbench_en_cn_overlap']:.1f}% (the paper: 67.4%).")
     pool = (sel0.get("icons", {}).get("composition") or {}).get("pool", {}).get("family", {})
-    shares = ", ".join(f"{n} {_fmt(100 * _share(sel0, n, 'conv'))}%" for n in ("random", "icons", "round_robin",
-                                                                              "balanced") if _share(sel0, n, "conv") is not None)
+    shares = ", ".join(f"{n} {_fmt(100 * _share(sel0, n, 'conv'))}%" for n in ("random", "icons", *GREEDY)
+                       if _share(sel0, n, "conv") is not None)
     if pool.get("conv") is not None:
         lines.append(f"- So the vote keeps what many short-answer tasks like and starves what one task wants: "
                      f"conversations are {_fmt(100 * pool['conv'])}% of the pool; of the subsets: {shares} (first seed).")
@@ -139,7 +140,7 @@ def write_study_report(run, subs) -> Path:
         md += ["", f"The specialist beats random on {wins} of {len(spec)} tasks; icons beats random on "
                    f"{sum(v['icons'] > v['random'] for v in spec.values())}."]
     # ---- aggregation ablation
-    agg = ["icons", *[m for m in cfg.study.aggregation], *[m for m in ("round_robin", "balanced") if m in sel0]]
+    agg = ["icons", *[m for m in cfg.study.aggregation], *[m for m in GREEDY if m in sel0]]
     agg = [m for m in agg if m in first["evals"] and m in sel0]
     names, m = A.overlap_matrix({("vote" if a == "icons" else a): sel0[a]["rows"] for a in agg})
     md += ["", "## Aggregation (first seed)", ""]

@@ -161,13 +161,10 @@ def stratified(scores: np.ndarray, k: int, threshold_percentile: float = 80, tie
     """``k`` rows: strata of the rows' z-score profile directions (seeded spherical k-means), each
     given ``k * size / N`` rows (largest remainders, ties to the lower stratum), filled in the
     vote's order (:func:`ordering`)."""
-    import torch  # only this consensus needs torch (the k-means is shared with the baselines)
+    from .geometry import kmeans, unit_rows  # torch, which only this consensus needs
 
-    from .geometry import kmeans
-
-    z = torch.from_numpy(zscores(scores).astype(np.float32))
-    labels = kmeans(z / z.norm(dim=1, keepdim=True).clamp_min(1e-12), strata, seed)[0].numpy()
-    sizes = np.bincount(labels, minlength=labels.max() + 1)
+    labels = kmeans(unit_rows(zscores(scores)), strata, seed)[0].numpy()
+    sizes = np.bincount(labels)
     exact = k * sizes / len(labels)
     quota = np.floor(exact).astype(np.int64)
     quota[np.argsort(-(exact - quota), kind="stable")[:k - quota.sum()]] += 1

@@ -101,6 +101,8 @@ def _icons(run: Run, out: Path, name: str, method: str):
     _needs_scores(run, name)
     sel = section(cfg, "selection", "consensus")
     sel["consensus"]["method"] = method
+    if method != "stratified":  # a setting the method does not read stays out of its key
+        sel["consensus"].pop("strata", None)
     key = config_hash({"scores": run.key_of("scores"), "sel": sel})
 
     def compute(wrun) -> dict:

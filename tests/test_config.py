@@ -33,8 +33,9 @@ def test_default_composes_and_validates(compose_cfg):
     assert obj.logger.kind == "wandb"
     assert obj.stages == ["check", "data", "base", "warmup", "features", "scores", "forward", "select", "subset",
                           "train", "eval", "report"]
-    assert obj.selectors == ["full", "random", "icons", "round_robin"]
-    assert (obj.gradient.kind, obj.projection.kind, obj.consensus.method) == ("adam", "none", "vote")
+    assert obj.selectors == ["full", "random", "icons", "resample"]
+    assert (obj.gradient.kind, obj.projection.kind, obj.consensus.method) == ("sgd", "none", "vote")
+    assert (obj.warmup.fraction, obj.warmup.epochs, obj.warmup.stop_after) == (1.0, 1, 0.1)
     assert obj.selection.ratio == pytest.approx(0.2)
     assert "${" not in obj.cache_dir
 
@@ -204,7 +205,8 @@ def test_unknown_selector_rejected(compose_cfg):
         validate(compose_cfg(["selectors=[full,clip]"]))
 
 
-@pytest.mark.parametrize("override", ["consensus=mean", "consensus=merge", "projection=rademacher", "gradient=sgd"])
+@pytest.mark.parametrize("override", ["consensus=mean", "consensus=merge", "projection=rademacher", "gradient=adam",
+                                      "warmup=less"])
 def test_group_options_compose(compose_cfg, override):
     validate(compose_cfg([override]))
 

@@ -23,6 +23,7 @@ import pytest
 from icons.models.base import pretrain_base
 
 SMALL = ["data.pool_size=120", "tasks.n_val=2", "tasks.n_test=2", "warmup.epochs=2", "warmup.fraction=0.1",
+         "warmup.stop_after=null",
          "model.text_hidden=64", "model.text_layers=2", "model.vision_hidden=32", "model.lora.r=4",
          "projection=rademacher", "projection.dim=64", "gradient.batch_size=16", "trainer.threads=1",
          "selectors=[icons,el2n,coincide]", "stages=[data,base,warmup,features,scores,forward,select]"]

@@ -56,13 +56,13 @@ def test_every_stage_declares_what_it_reads_cached_or_not(tmp_path, smoke_base, 
         "scores": (["features"], ["scores"]),
         "select-icons": (["scores"], ["selection-icons"]),
         "select-random": (["pool"], ["selection-random"]),
-        "select-round_robin": (["scores"], ["selection-round_robin"]),
+        "select-resample": (["scores"], ["selection-resample"]),
         "subset-icons": (["pool", "selection-icons"], ["subset-icons"]),
         "train-full": (["base", "pool"], ["model-full"]),
         "train-icons": (["base", "subset-icons"], ["model-icons"]),
         "eval-icons": (["model-icons", "pool"], ["eval-icons"]),
         "eval-base": (["base", "pool"], ["eval-base"]),
-        "report": (["eval-base", "eval-full", "eval-icons", "eval-random", "eval-round_robin"], ["report"]),
+        "report": (["eval-base", "eval-full", "eval-icons", "eval-random", "eval-resample"], ["report"]),
     }
     for attempt in ("computed", "cached"):
         run_stages(cfg, tmp_path / "run")

@@ -160,17 +160,19 @@ class SelectionConfig:
 
 @dataclass
 class WarmupConfig:
-    """Group ``warmup``: ICONS step 1, LoRA warmup on a random fraction of the pool."""
+    """Group ``warmup``: ICONS step 1, LoRA warmup on a random fraction of the pool. The defaults
+    are the released ICONS code's (``warmup=icons_release``): one checkpoint early in one epoch over
+    the whole pool; ``warmup=less`` is LESS's, 4 epochs on 5%."""
 
-    fraction: float = 0.05
-    epochs: int = 4
+    fraction: float = 1.0
+    epochs: int = 1
     batch_size: int = 8
     lr: float = 4e-3
     #: which epoch checkpoints give features: last (released ICONS) or all (LESS, lr-weighted)
     checkpoints: str = "last"
     #: stop after this share of the run's steps, keeping that checkpoint (null: run them all); the
-    #: released ICONS code takes checkpoint-500 of a LoRA run over the whole pool (warmup=icons_release)
-    stop_after: Optional[float] = None
+    #: released ICONS code takes checkpoint-500 of a LoRA run over the whole pool, near its peak lr
+    stop_after: Optional[float] = 0.1
 
     def __post_init__(self) -> None:
         _check_range(self, "fraction", 0.0, 1.0, lo_open=True)
@@ -182,9 +184,10 @@ class WarmupConfig:
 
 @dataclass
 class GradientConfig:
-    """Group ``gradient``: pool gradients Adam-preconditioned (LESS) or plain (``sgd``)."""
+    """Group ``gradient``: pool gradients plain (``sgd``, the released ICONS scripts) or
+    Adam-preconditioned (``adam``, LESS)."""
 
-    kind: str = "adam"
+    kind: str = "sgd"
     batch_size: int = 32
     #: padded tokens per backward (batch rows x longest row); null = batch_size alone decides.
     #: Length-sorted batches then hold many short or few long examples (GPU memory bounded).
@@ -233,9 +236,8 @@ class ConsensusConfig:
 
 
 def _feature_choices() -> dict:
-    release = ["warmup.fraction=1.0", "warmup.epochs=1", "warmup.stop_after=0.1"]  # warmup=icons_release
-    return {"sgd": ["gradient.kind=sgd"], "all_checkpoints": ["warmup.checkpoints=all"], "icons_release": release,
-            "released_code": ["gradient.kind=sgd", *release]}
+    less = ["gradient.kind=adam", "warmup.fraction=0.05", "warmup.epochs=4", "warmup.stop_after=null"]  # warmup=less
+    return {"adam": ["gradient.kind=adam"], "less_last": less, "less": [*less, "warmup.checkpoints=all"]}
 
 
 @dataclass
@@ -243,10 +245,10 @@ class StudyConfig:
     """Root key ``study``: the miniature study's analyses (the ``study`` stage,
     ``+experiment=miniature_study``). Every sub-run shares this run's results by key."""
 
-    #: the main table's seeds (warmup subset, LoRA init, training order)
+    #: the main table's seeds (warmup order and subset, LoRA init, training order)
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     #: trained and evaluated at every seed
-    selectors: List[str] = field(default_factory=lambda: ["random", "icons", "round_robin", "balanced"])
+    selectors: List[str] = field(default_factory=lambda: ["random", "icons", "resample", "round_robin"])
     #: full data at every seed (else at the first, the reference of every seed's relative performance)
     full_every_seed: bool = False
     #: the paper's aggregation ablation, at the first seed (vote is the icons row)
@@ -255,7 +257,9 @@ class StudyConfig:
     specialists: bool = True
     #: the ratio sweep for random and icons, at the first seed (selection.ratio is the main runs')
     ratios: List[float] = field(default_factory=lambda: [0.05, 0.1, 0.4, 0.6])
-    #: feature recipes beside the default, at the first seed: name -> dotted overrides
+    #: feature recipes beside the default (the released code's), at the first seed: name -> dotted
+    #: overrides. adam: Adam-preconditioned at the same checkpoint; less_last / less: LESS's warmup
+    #: (4 epochs on 5%) with Adam features from its last / every checkpoint
     feature_choices: Dict[str, List[str]] = field(default_factory=_feature_choices)
 
     def __post_init__(self) -> None:
@@ -275,9 +279,10 @@ class RootConfig:
     stages: List[str] = field(default_factory=lambda: [
         "check", "data", "base", "warmup", "features", "scores", "forward", "select", "subset", "train", "eval",
         "report"])
-    #: round_robin: the consensus beyond the paper with the best mean relative performance over the
-    #: miniature study's three seeds (69.8 against the vote's 57.1 and random's 73.7; docs/findings.md)
-    selectors: List[str] = field(default_factory=lambda: ["full", "random", "icons", "round_robin"])
+    #: resample: the consensus beyond the paper with the best mean relative performance over the
+    #: miniature study's three seeds (72.0 ± 0.3 against round_robin's 60.8, the vote's 58.0 and
+    #: random's 73.7; docs/findings.md)
+    selectors: List[str] = field(default_factory=lambda: ["full", "random", "icons", "resample"])
     #: null = Hydra's output directory
     run_dir: Optional[str] = None
     cache_dir: str = "${oc.env:ICONS_CACHE,${oc.env:HOME}/.cache/icons}"

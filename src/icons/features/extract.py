@@ -2,7 +2,7 @@
 
 Validation examples: plain gradients -> projection -> L2-normalised -> one mean vector per
 validation group (task, or task/sub-task, plus the union for the ``merge`` ablation).
-Pool examples: Adam-preconditioned (or plain, ``gradient=sgd``) gradients -> projection ->
+Pool examples: plain (or Adam-preconditioned, ``gradient=adam``) gradients -> projection ->
 normalised -> dot product with every group mean, written in place into a pre-allocated
 ``pool_scores.npy`` (N x G) with a done-mask, so an interrupted run resumes where it stopped.
 With a projection, the normalised pool features themselves are stored too (``pool.npy``).

@@ -83,13 +83,13 @@ def stage_study(run: Run) -> dict:
     from .report import write_study_report
 
     subs = plan(run.cfg)
-    done = {}
+    done, cfgs = {}, {}
     for k, sub in enumerate(subs, 1):
-        cfg = sub_config(run.cfg, sub)
+        cfg = cfgs[sub.name] = sub_config(run.cfg, sub)
         log.info("study: %s (%d of %d): %s", sub.name, k, len(subs), ", ".join(cfg.selectors))
         run.runner(cfg, run.run_dir / "study" / sub.name, run.study_dir)
         done[sub.name] = str(run.run_dir / "study" / sub.name)
-    path = write_study_report(run, subs)
+    path = write_study_report(run, subs, cfgs)
     log.info("study: report %s", path)
     return {"subruns": done, "report": str(path)}
 

@@ -75,6 +75,7 @@ def _summary(summary: dict, spec: dict, fidelity: dict, sel0: dict) -> list[str]
     lines.append(f"- The tasks agree little: their score columns correlate at {fidelity['mean_pair_correlation']:.2f} on "
                  f"average, their top-20% sets overlap {fidelity['mean_pair_overlap']:.1f}% (chance 20%), mmbench en/cn "
                  f"{fidelity['mmbench_en_cn_overlap']:.1f}% (the paper: 67.4%).")
+    lines += _goal_lines(summary)
     pool = (sel0.get("icons", {}).get("composition") or {}).get("pool", {}).get("family", {})
     shares = ", ".join(f"{n} {_fmt(100 * _share(sel0, n, 'conv'))}%" for n in ("random", "icons", *GREEDY)
                        if _share(sel0, n, "conv") is not None)
@@ -84,7 +85,48 @@ def _summary(summary: dict, spec: dict, fidelity: dict, sel0: dict) -> list[str]
     return lines
 
 
-def write_study_report(run, subs) -> Path:
+def goal_check(summary: dict, name: str, against: str = "random") -> dict:
+    """``name`` against ``against`` over seeds: its rel margin, the larger of the two rel spreads
+    (sample std), and the tasks where it falls below by more than the larger of their two spreads."""
+    a, b = summary[name], summary[against]
+    below = {t: round(b["tasks"][t]["mean"] - s["mean"], 1) for t, s in a["tasks"].items()
+             if b["tasks"][t]["mean"] - s["mean"] > max(s["std"], b["tasks"][t]["std"])}
+    margin, spread = a["rel"]["mean"] - b["rel"]["mean"], max(a["rel"]["std"], b["rel"]["std"])
+    return {"margin": margin, "spread": spread, "below": below, "met": margin > spread and not below}
+
+
+def goal_checks(summary: dict) -> dict:
+    """``goal_check`` against random for each consensus beyond the paper run at several seeds."""
+    if "random" not in summary:
+        return {}
+    return {n: goal_check(summary, n) for n in GREEDY if n in summary and summary[n]["rel"]["n"] > 1}
+
+
+def _goal_lines(summary: dict) -> list[str]:
+    """Whether a consensus beyond the paper beats random (the study's goal), said with its numbers."""
+    checks = goal_checks(summary)
+    if not checks:
+        return []
+    parts = [f"{n} {c['margin']:+.1f} rel (spread {c['spread']:.1f})" + (
+        f", below random on {', '.join(f'{t} by {d:.1f}' for t, d in c['below'].items())}"
+        if c["below"] else ", no task below random beyond its spread") for n, c in checks.items()]
+    met = [n for n, c in checks.items() if c["met"]]
+    verdict = f"met by {', '.join(met)}" if met else "not met by any of them"
+    return [f"- Against random over seeds (goal: rel above by more than the larger seed spread, no task below "
+            f"by more than the larger of its two spreads): {'; '.join(parts)}. The goal is {verdict}."]
+
+
+def _recipe(cfg) -> str:
+    """A (sub-)run's feature recipe in words: gradient kind, warmup and checkpoints."""
+    w = cfg.warmup
+    stop = f", stopped at {w.stop_after:.0%} of its steps" if w.stop_after else ""
+    return (f"{cfg.gradient.kind}; warmup on {w.fraction:.0%} of the pool, {w.epochs} epoch"
+            f"{'s' if w.epochs > 1 else ''}{stop}; "
+            + ("every checkpoint, lr-weighted" if w.checkpoints == "all" else "the last checkpoint"))
+
+
+def write_study_report(run, subs, sub_cfgs: dict) -> Path:
+    """``sub_cfgs``: each sub-run's config, by name."""
     cfg, out = run.cfg, run.run_dir
     runs = {s.name: _sub(out / "study" / s.name) for s in subs}
     seeds = [s for s in subs if s.kind == "seed"]
@@ -94,7 +136,7 @@ def write_study_report(run, subs) -> Path:
     full0 = first["evals"]["full"]
     main_sel = ["full", *[n for n in cfg.study.selectors if n != "full"]]
     md = [f"# icons miniature study: {cfg.experiment_name}", "",
-          f"Seeds {list(cfg.study.seeds)} (warmup subset, LoRA init, training order); selection ratio "
+          f"Seeds {list(cfg.study.seeds)} (warmup order and subset, LoRA init, training order); selection ratio "
           f"{cfg.selection.ratio}; relative performance against "
           + ("each seed's own full-data model." if cfg.study.full_every_seed else
              f"the full-data model of seed {cfg.study.seeds[0]} (one full training; its seed spread is in "
@@ -176,7 +218,8 @@ def write_study_report(run, subs) -> Path:
            f"mean correlation of the task score columns {fidelity['mean_pair_correlation']:.2f} (mmbench_en/cn "
            f"{fidelity['mmbench_en_cn_correlation']:.2f})."]
     # ---- feature choices
-    feats = {}
+    feats, recipes = {}, {s.name.removeprefix("features-"): _recipe(sub_cfgs[s.name]) for s in subs
+                          if s.kind == "features"}
     for s in (s for s in subs if s.kind == "features"):
         r = runs[s.name]
         ov2 = A.mask_overlaps(A.top_masks(r["scores"], 0.2))
@@ -194,10 +237,10 @@ def write_study_report(run, subs) -> Path:
         md += _table(["recipe", "overlap with default (%)", "icons rel (first seed)", "mean task correlation",
                       "mmbench en/cn top-20% overlap (%)", "top-20% overlaps vs the paper's (Pearson)",
                       "conversation share"],
-                     [["default (adam, last checkpoint)", "100.0", _fmt(relative(first["evals"]["icons"], full0)),
+                     [[f"default ({_recipe(cfg)})", "100.0", _fmt(relative(first["evals"]["icons"], full0)),
                        _fmt(fidelity["mean_pair_correlation"], 2), _fmt(fidelity["mmbench_en_cn_overlap"]),
                        _fmt(fidelity["overlap_vs_paper_pearson"], 2), _fmt(conv0, 3)]]
-                     + [[k, _fmt(v["overlap_with_default"]), _fmt(v["rel"]), _fmt(v["mean_pair_correlation"], 2),
+                     + [[f"{k} ({recipes[k]})", _fmt(v["overlap_with_default"]), _fmt(v["rel"]), _fmt(v["mean_pair_correlation"], 2),
                          _fmt(v["mmbench_en_cn_overlap"]), _fmt(v["overlap_vs_paper_pearson"], 2),
                          _fmt(v["conv_share"], 3)] for k, v in feats.items()])
     # ---- figures
@@ -221,6 +264,7 @@ def write_study_report(run, subs) -> Path:
     atomic_write_text(path, "\n".join(md) + "\n")
     data = {"summary": summary, "specialists": spec, "aggregation_overlap": {"names": names, "matrix": m.tolist()},
             "ratio": {n: {str(k): v for k, v in d.items()} for n, d in ratio.items()}, "top20_overlap": ov.tolist(),
+            "goal": goal_checks(summary),
             "fidelity": fidelity, "features": feats, "figures": {k: str(p) for k, p in figs.items()}}
     write_json(out / "study.json", data)
     with tracking.stage_run(cfg, "study", out) as wrun:

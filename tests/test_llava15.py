@@ -480,14 +480,14 @@ def test_selection_from_run(compose_cfg, tmp_path):
 
     ids = [f"r{i}" for i in range(10)]
     src = tmp_path / "run7b"
-    chosen_by = {"icons": ["r7", "r2", "r5"], "random": ["r0", "r9", "r4"], "round_robin": ["r1", "r3", "r6"]}
+    chosen_by = {"icons": ["r7", "r2", "r5"], "random": ["r0", "r9", "r4"], "resample": ["r1", "r3", "r6"]}
     for name, chosen in chosen_by.items():
         write_json(src / "selection" / name / "ids.json", chosen)
         write_json(src / "selection" / name / "manifest.json", {"key": f"k-{name}", "n": 3, "of": 10})
     run_dir = _fake_run(tmp_path / "run13b", ids, tmp_path / "pool.json")
     cfg = compose_cfg(["+experiment=llava_13b_transfer", f"selection.from_run={src}"])
     res = stage_select(Run(cfg, run_dir, run_dir))
-    assert set(res) == {"icons", "random", "round_robin"} and res["icons"]["source_key"] == "k-icons"
+    assert set(res) == {"icons", "random", "resample"} and res["icons"]["source_key"] == "k-icons"
     assert read_json(run_dir / "selection" / "icons" / "ids.json") == ["r7", "r2", "r5"]
     assert np.load(run_dir / "selection" / "icons" / "indices.npy").tolist() == [7, 2, 5]
     assert read_json(run_dir / "selection" / "random" / "ids.json") == ["r0", "r9", "r4"]

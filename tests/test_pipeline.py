@@ -13,8 +13,8 @@ from icons.pipeline import run_stages
 from .conftest import REPO_ROOT, compose_config
 
 TINY = ["+experiment=smoke", "data.pool_size=240", "tasks.n_val=4", "tasks.n_test=6", "warmup.epochs=2",
-        "warmup.fraction=0.1", "warmup.stop_after=null", "train.epochs=1", "eval.max_new_tokens_long=12", "model.text_hidden=64",
-        "model.text_layers=2", "model.vision_hidden=32", "model.lora.r=4", "logger=none"]
+        "warmup.fraction=0.1", "warmup.stop_after=null", "train.epochs=1", "eval.max_new_tokens_long=12",
+        "model.text_hidden=64", "model.text_layers=2", "model.vision_hidden=32", "model.lora.r=4", "logger=none"]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The ``features`` stage, ICONS step 2: per-example gradient features of every pool and validation
 example at each warmup checkpoint (``features/extract.py``), plain as in the released ICONS code
-(``gradient=adam``: Adam-preconditioned for the pool, LESS), optionally projected. Data parallel under torchrun/srun: each rank
-writes its rows of one shared, pre-allocated store; a killed run resumes from its done mask."""
+(``gradient=adam``: Adam-preconditioned for the pool, LESS), optionally projected. Data parallel
+under torchrun/srun: each rank writes its rows of one shared, pre-allocated store; a killed run
+resumes from its done mask."""
 from __future__ import annotations
 
 import logging

@@ -60,7 +60,7 @@ def _share(sel: dict, name: str, family: str) -> float | None:
     return comp.get("subset", {}).get("family", {}).get(family)
 
 
-def _summary(summary: dict, spec: dict, fidelity: dict, sel0: dict) -> list[str]:
+def _summary(summary: dict, spec: dict, fidelity: dict, sel0: dict, goals: dict) -> list[str]:
     """The study in one screen: the ordering, and the measurements that explain it."""
     rel = {n: s["rel"] for n, s in summary.items() if n != "full"}
     order = sorted(rel, key=lambda n: -rel[n]["mean"])
@@ -75,7 +75,7 @@ def _summary(summary: dict, spec: dict, fidelity: dict, sel0: dict) -> list[str]
     lines.append(f"- The tasks agree little: their score columns correlate at {fidelity['mean_pair_correlation']:.2f} on "
                  f"average, their top-20% sets overlap {fidelity['mean_pair_overlap']:.1f}% (chance 20%), mmbench en/cn "
                  f"{fidelity['mmbench_en_cn_overlap']:.1f}% (the paper: 67.4%).")
-    lines += _goal_lines(summary)
+    lines += _goal_lines(goals)
     pool = (sel0.get("icons", {}).get("composition") or {}).get("pool", {}).get("family", {})
     shares = ", ".join(f"{n} {_fmt(100 * _share(sel0, n, 'conv'))}%" for n in ("random", "icons", *GREEDY)
                        if _share(sel0, n, "conv") is not None)
@@ -102,9 +102,9 @@ def goal_checks(summary: dict) -> dict:
     return {n: goal_check(summary, n) for n in GREEDY if n in summary and summary[n]["rel"]["n"] > 1}
 
 
-def _goal_lines(summary: dict) -> list[str]:
-    """Whether a consensus beyond the paper beats random (the study's goal), said with its numbers."""
-    checks = goal_checks(summary)
+def _goal_lines(checks: dict) -> list[str]:
+    """Whether a consensus beyond the paper beats random (the study's goal, ``goal_checks``), said
+    with its numbers."""
     if not checks:
         return []
     parts = [f"{n} {c['margin']:+.1f} rel (spread {c['spread']:.1f})" + (
@@ -218,13 +218,13 @@ def write_study_report(run, subs, sub_cfgs: dict) -> Path:
            f"mean correlation of the task score columns {fidelity['mean_pair_correlation']:.2f} (mmbench_en/cn "
            f"{fidelity['mmbench_en_cn_correlation']:.2f})."]
     # ---- feature choices
-    feats, recipes = {}, {s.name.removeprefix("features-"): _recipe(sub_cfgs[s.name]) for s in subs
-                          if s.kind == "features"}
+    feats = {}
     for s in (s for s in subs if s.kind == "features"):
         r = runs[s.name]
         ov2 = A.mask_overlaps(A.top_masks(r["scores"], 0.2))
         c2 = A.pair_correlations(r["scores"], tasks)
         feats[s.name.removeprefix("features-")] = {
+            "recipe": _recipe(sub_cfgs[s.name]),
             "overlap_with_default": A.overlap(r["selections"]["icons"]["rows"], icons_rows),
             "rel": relative(r["evals"]["icons"], full0),
             "mean_pair_correlation": float(np.mean(list(c2.values()))),
@@ -240,7 +240,8 @@ def write_study_report(run, subs, sub_cfgs: dict) -> Path:
                      [[f"default ({_recipe(cfg)})", "100.0", _fmt(relative(first["evals"]["icons"], full0)),
                        _fmt(fidelity["mean_pair_correlation"], 2), _fmt(fidelity["mmbench_en_cn_overlap"]),
                        _fmt(fidelity["overlap_vs_paper_pearson"], 2), _fmt(conv0, 3)]]
-                     + [[f"{k} ({recipes[k]})", _fmt(v["overlap_with_default"]), _fmt(v["rel"]), _fmt(v["mean_pair_correlation"], 2),
+                     + [[f"{k} ({v['recipe']})", _fmt(v["overlap_with_default"]), _fmt(v["rel"]),
+                         _fmt(v["mean_pair_correlation"], 2),
                          _fmt(v["mmbench_en_cn_overlap"]), _fmt(v["overlap_vs_paper_pearson"], 2),
                          _fmt(v["conv_share"], 3)] for k, v in feats.items()])
     # ---- figures
@@ -259,12 +260,13 @@ def write_study_report(run, subs, sub_cfgs: dict) -> Path:
 
         figs["composition"] = composition(pdir / "study_composition.png", comps)
     md += ["", "Figures: " + ", ".join(f"[{k}](plots/{p.name})" for k, p in figs.items()), ""]
-    md[4:4] = _summary(summary, spec, fidelity, sel0) + [""]
+    goals = goal_checks(summary)
+    md[4:4] = _summary(summary, spec, fidelity, sel0, goals) + [""]
     path = out / "study_report.md"
     atomic_write_text(path, "\n".join(md) + "\n")
     data = {"summary": summary, "specialists": spec, "aggregation_overlap": {"names": names, "matrix": m.tolist()},
             "ratio": {n: {str(k): v for k, v in d.items()} for n, d in ratio.items()}, "top20_overlap": ov.tolist(),
-            "goal": goal_checks(summary),
+            "goal": goals,
             "fidelity": fidelity, "features": feats, "figures": {k: str(p) for k, p in figs.items()}}
     write_json(out / "study.json", data)
     with tracking.stage_run(cfg, "study", out) as wrun:

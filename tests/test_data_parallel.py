@@ -171,7 +171,8 @@ def test_a_multi_process_job_needs_a_fixed_run_dir(monkeypatch):
 PIPELINE = ["+experiment=smoke", "logger=none", "data.pool_size=120", "tasks.n_val=2", "tasks.n_test=2",
             "warmup.epochs=2", "warmup.fraction=0.1", "warmup.stop_after=null", "warmup.batch_size=4",
             "train.batch_size=8", "model.text_hidden=64", "model.text_layers=2", "model.vision_hidden=32",
-            "model.lora.r=4", "projection=rademacher", "projection.dim=64", "gradient.batch_size=16", "trainer.threads=1",
+            "model.lora.r=4", "projection=rademacher", "projection.dim=64", "gradient.batch_size=16",
+            "trainer.threads=1",
             "selectors=[random]", "stages=[data,base,warmup,features,scores,select,subset,train]"]
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
            "trainer.micro_batch_size=2"]
